@@ -1,0 +1,98 @@
+"""The FastAPI application: the routers, the error shape, and what they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker_bridge import __version__
+from broker_bridge.api import errors, kaa, kp1, ops, v3
+from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
+from broker_bridge.api.errors import error_response
+from broker_bridge.errors import BridgeError, PayloadTooLarge
+from broker_bridge.metrics import Metrics
+from broker_bridge.service import CommandService
+from broker_bridge.topics import TopicScheme
+
+DESCRIPTION = """\
+Command execution for device fleets. Devices poll and report over the KP1 HTTP binding (`/kp1/...`,
+authenticated by their endpoint token); operators use the Enapter-style `/v3` API or Kaa's
+`/api/v1` REST API with an API key (`Authorization: Bearer <key>` or `X-Enapter-Auth-Token: <key>`).
+Every error is `{"statusCode": ..., "reasonPhrase": ...}`."""
+
+
+class Gate:
+    """Runs before FastAPI reads a body: refuses admin requests without a valid key (401) and bodies
+    over ``max_payload_bytes`` (413), and reads ``curl -d`` bodies (labelled as forms, as in Enapter's
+    and Kaa's examples) as JSON. The API has no form endpoints, so the relabelling only ever turns a
+    refusal into the intended request."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: tuple[str, ...], max_payload_bytes: int) -> None:
+        self.app = app
+        self.api_keys = api_keys
+        self.max_payload_bytes = max_payload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            self._check(scope["path"], headers)
+        except BridgeError as exc:
+            extra = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+            await error_response(exc.status_code, exc.reason, extra)(scope, receive, send)
+            return
+        relabelled = [
+            (n, b"application/json" if n == b"content-type" and v.startswith(FORM) else v) for n, v in scope["headers"]
+        ]
+        await self.app({**scope, "headers": relabelled}, self._limited(receive), send)
+
+    def _check(self, path: str, headers: dict[str, str]) -> None:
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_payload_bytes:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {self.max_payload_bytes}")
+        if path.startswith(ADMIN_PREFIXES):
+            check_key(self.api_keys, headers.get("authorization"), headers.get("x-enapter-auth-token"))
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Also bound bodies sent without Content-Length (chunked)."""
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_payload_bytes:
+                raise PayloadTooLarge(f"body exceeds the limit of {self.max_payload_bytes} bytes")
+            return message
+
+        return limited
+
+
+FORM = b"application/x-www-form-urlencoded"
+
+
+def create_app(
+    service: CommandService,
+    *,
+    api_keys: Sequence[str],
+    scheme: TopicScheme,
+    max_payload_bytes: int,
+    metrics: Metrics,
+    broker_connected: Callable[[], bool],
+) -> FastAPI:
+    app = FastAPI(title="broker-bridge", version=__version__, description=DESCRIPTION)
+    app.state.service = service
+    app.state.api_keys = tuple(api_keys)
+    app.state.scheme = scheme
+    app.state.max_payload_bytes = max_payload_bytes
+    app.state.metrics = metrics
+    app.state.broker_connected = broker_connected
+    errors.install(app)
+    app.add_middleware(Gate, api_keys=tuple(api_keys), max_payload_bytes=max_payload_bytes)
+    for router in (kp1.router, v3.router, kaa.router, ops.router):
+        app.include_router(router)
+    return app

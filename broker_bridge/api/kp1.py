@@ -1,0 +1,115 @@
+"""The KP1 HTTP binding, for devices that cannot keep a connection: poll and report over POST.
+
+Devices authenticate by their endpoint token, as in Kaa (no API key); in closed registry mode an
+unknown token gets 404. Errors carry the KP1 error body with the matching HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+
+from broker_bridge import cep, protocol
+from broker_bridge.errors import BridgeError, CommandNotFound, PayloadTooLarge
+from broker_bridge.service import CommandService
+from broker_bridge.topics import Codec, Format, make_target
+
+MSGPACK_TYPE = "application/msgpack"
+router = APIRouter(prefix="/kp1/{app_version}/{extension}/{token}", tags=["KP1 device binding"])
+
+Level = Annotated[str, Path(min_length=1, max_length=256)]
+FormatLevel = Annotated[str, Path(pattern="^(json|msgpack)$", description="KP1 payload format")]
+# The body is read raw, so that JSON and MessagePack go through the same codec (and errors) as MQTT.
+BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {"schema": {}},
+            MSGPACK_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _body(request: Request) -> bytes:
+    data = await request.body()
+    limit: int = request.app.state.max_payload_bytes
+    if len(data) > limit:
+        raise PayloadTooLarge(f"body of {len(data)} bytes exceeds the limit of {limit}")
+    return data
+
+
+def _check_extension(request: Request, extension: str) -> None:
+    if extension != request.app.state.scheme.extension:
+        raise CommandNotFound(f"unknown extension {extension!r}")
+
+
+def _reply(body: Any, fmt: Format, status: int = 200) -> Response:
+    if fmt.codec is Codec.MSGPACK:
+        return Response(protocol.encode(body, Codec.MSGPACK), status_code=status, media_type=MSGPACK_TYPE)
+    return JSONResponse(body, status_code=status)
+
+
+async def _command(request: Request, app_version: str, extension: str, token: str, kind: str, fmt: Format) -> Response:
+    try:
+        _check_extension(request, extension)
+        service: CommandService = request.app.state.service
+        target = make_target(app_version, token, kind)
+        return _reply(await cep.poll(service, target, fmt, await _body(request)), fmt)
+    except BridgeError as exc:  # every body on a /msgpack path is MessagePack, errors too
+        return _reply(protocol.error_body(exc.status_code, exc.reason), fmt, exc.status_code)
+
+
+async def _result(request: Request, app_version: str, extension: str, token: str, kind: str, fmt: Format) -> Response:
+    try:
+        _check_extension(request, extension)
+        service: CommandService = request.app.state.service
+        target = make_target(app_version, token, kind)
+        reply = await cep.results(service, target, fmt, await _body(request))
+    except BridgeError as exc:
+        reply = protocol.error_body(exc.status_code, exc.reason)
+    return _reply(reply, fmt, reply["statusCode"])
+
+
+@router.post(
+    "/command/{command_type}",
+    summary='Poll outstanding commands (body {} or {"observe": bool})',
+    openapi_extra=BODY_DOC,
+)
+async def poll(request: Request, app_version: Level, extension: Level, token: Level, command_type: Level) -> Response:
+    return await _command(request, app_version, extension, token, command_type, Format.PLAIN)
+
+
+@router.post("/command/{command_type}/{fmt}", summary="Poll, with an explicit payload format", openapi_extra=BODY_DOC)
+async def poll_format(
+    request: Request,
+    app_version: Level,
+    extension: Level,
+    token: Level,
+    command_type: Level,
+    fmt: FormatLevel,
+) -> Response:
+    return await _command(request, app_version, extension, token, command_type, Format(fmt))
+
+
+@router.post(
+    "/result/{command_type}", summary="Report results (an array, or one result object)", openapi_extra=BODY_DOC
+)
+async def report(request: Request, app_version: Level, extension: Level, token: Level, command_type: Level) -> Response:
+    return await _result(request, app_version, extension, token, command_type, Format.PLAIN)
+
+
+@router.post(
+    "/result/{command_type}/{fmt}", summary="Report results, with an explicit payload format", openapi_extra=BODY_DOC
+)
+async def report_format(
+    request: Request,
+    app_version: Level,
+    extension: Level,
+    token: Level,
+    command_type: Level,
+    fmt: FormatLevel,
+) -> Response:
+    return await _result(request, app_version, extension, token, command_type, Format(fmt))

@@ -1,0 +1,339 @@
+"""The embedded MQTT broker: amqtt plus the KP1 delivery rules Kaa devices rely on.
+
+Kaa devices never SUBSCRIBE; they publish requests and expect replies on the matching
+``.../status`` and ``.../error`` topics anyway. The plugin below remembers which endpoint
+each connection speaks for and hands such replies straight to it.
+
+Given Mosquitto's password and ACL files, the broker also refuses unknown clients and keeps each one to
+its own topics, on every path a message can take: see broker_auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BasePlugin
+
+from broker_bridge.broker_auth import (
+    Access,
+    AccessControl,
+    GuardedBroker,
+    LoginPlugin,
+    TopicAclPlugin,
+    principal_of,
+)
+from broker_bridge.errors import StartupError
+
+EndpointSeen = Callable[[str, str], Awaitable[None]]  # (app_version, endpoint_token)
+_Endpoint = tuple[str, str]
+
+_log = logging.getLogger(__name__)
+
+_REPLY_LEVELS = ("status", "error")
+_MIN_LEVELS = 5  # prefix/av/extension/token/<resource>
+_QOS_1 = 1
+_LISTENER = "default"  # amqtt requires a listener of this name
+
+
+def _matches(levels: list[str], topic_filter: str) -> bool:
+    """MQTT filter matching; only KP1 topics reach it, so the $-topic rules do not apply."""
+    wanted = topic_filter.split("/")
+    for index, level in enumerate(wanted):
+        if level == "#":
+            return True
+        if index >= len(levels) or level not in ("+", levels[index]):
+            return False
+    return len(wanted) == len(levels)
+
+
+@dataclass
+class _Link:
+    """What one live connection has said about itself: which endpoints it speaks for."""
+
+    session: Any
+    handler: Any
+    endpoints: set[_Endpoint] = field(default_factory=set)  # published as these: replies delivered directly
+    announced: set[_Endpoint] = field(default_factory=set)  # on_endpoint_seen already called for these
+
+
+class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """Associates connections with KP1 endpoints and delivers replies to unsubscribed devices."""
+
+    @dataclass
+    class Config:
+        bridge_client_id: str
+        kp1_prefix: str
+        extension: str
+        # Typed Any because dacite, which amqtt uses to build this, cannot check a callable.
+        on_endpoint_seen: Any
+        access: Any = None  # AccessControl, or None when anyone may read anything
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._settings: _Kp1DeliveryPlugin.Config = context.config
+        self._links: dict[str, _Link] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def on_broker_message_broadcast(self, *, client_id: str, message: Any) -> None:
+        levels = message.topic.split("/")
+        if self._is_reply(levels):
+            self._deliver_reply(levels, message.topic, bytes(message.data))
+        elif client_id != self._settings.bridge_client_id and self._is_request(levels):
+            self._associate(client_id, (levels[1], levels[3]), deliver=True)
+
+    async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
+        levels = topic.split("/")
+        # A filter with a wildcard endpoint is a monitor, not a device: it names no endpoint.
+        literal = self._is_ours(levels) and all(lvl not in ("", "+", "#") for lvl in (levels[1], levels[3]))
+        if literal and client_id != self._settings.bridge_client_id:
+            # A subscriber gets what it subscribed to and nothing more: a mosquitto_sub watching one
+            # reply topic must not be handed pushes. Its subscription still earns a fresh push.
+            self._associate(client_id, (levels[1], levels[3]), deliver=False)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any) -> None:
+        link = self._links.get(client_id)
+        # A half-open connection replaced by a reconnect disconnects late; keep the new one's links.
+        if link is not None and link.session is client_session:
+            del self._links[client_id]
+
+    async def on_broker_pre_shutdown(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._links.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _is_ours(self, levels: list[str]) -> bool:
+        s = self._settings
+        return len(levels) >= _MIN_LEVELS and levels[0] == s.kp1_prefix and levels[2] == s.extension
+
+    def _is_reply(self, levels: list[str]) -> bool:
+        return self._is_ours(levels) and levels[-1] in _REPLY_LEVELS
+
+    def _is_request(self, levels: list[str]) -> bool:
+        # Any extension counts: a device publishing dcx data is still the device cex replies go to.
+        well_formed = len(levels) >= _MIN_LEVELS and bool(levels[1]) and bool(levels[3])
+        return well_formed and levels[0] == self._settings.kp1_prefix and levels[-1] not in _REPLY_LEVELS
+
+    def _associate(self, client_id: str, endpoint: _Endpoint, *, deliver: bool) -> None:
+        """Note what a connection said about itself; the first word about an endpoint earns a push."""
+        connection = self._connection(client_id)
+        if connection is None:
+            return
+        link = self._links.get(client_id)
+        if link is None or link.handler is not connection[1]:
+            link = self._links[client_id] = _Link(*connection)
+        if deliver:
+            link.endpoints.add(endpoint)
+        if endpoint not in link.announced:
+            link.announced.add(endpoint)
+            self._spawn(self._notify(endpoint))
+
+    def _connection(self, client_id: str) -> tuple[Any, Any] | None:
+        # amqtt 0.12.1 internal: BrokerContext lists sessions but not their protocol handlers, and only
+        # a handler can publish to one client; Broker.sessions maps client_id -> (Session, handler).
+        found: tuple[Any, Any] | None = self.context._broker_instance.sessions.get(client_id)
+        return found
+
+    def _deliver_reply(self, levels: list[str], topic: str, data: bytes) -> None:
+        endpoint = (levels[1], levels[3])
+        for client_id, link in list(self._links.items()):
+            if endpoint in link.endpoints and not self._subscribed(client_id, levels) and self._may_read(link, topic):
+                self._spawn(self._send(link.handler, topic, data))
+
+    def _may_read(self, link: _Link, topic: str) -> bool:
+        # This delivery bypasses amqtt's routing and so its ACL check; links are keyed by client id, and a
+        # client taking over another's id inherits its link, so the check is of this very session.
+        access: AccessControl | None = self._settings.access
+        return access is None or access.permits(principal_of(link.session), Access.RECEIVE, topic)
+
+    def _subscribed(self, client_id: str, levels: list[str]) -> bool:
+        subscriptions: dict[str, list[tuple[Any, int]]] = self.context.subscriptions
+        return any(
+            _matches(levels, topic_filter) and any(s.client_id == client_id for s, _ in sessions)
+            for topic_filter, sessions in subscriptions.items()
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The broker waits for its own plugin event tasks on shutdown; a slow callback must not stall it,
+        # so these run in tasks we own and cancel in close().
+        if self._closing:
+            coro.close()
+            return
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self, endpoint: _Endpoint) -> None:
+        try:
+            await self._settings.on_endpoint_seen(*endpoint)
+        except Exception:
+            _log.exception("on_endpoint_seen failed for %s/%s", *endpoint)
+
+    @staticmethod
+    async def _send(handler: Any, topic: str, data: bytes) -> None:
+        try:
+            # amqtt 0.12.1 internal: BrokerProtocolHandler.mqtt_publish, the call the broker's own routing
+            # makes; it waits for the PUBACK, which is why it runs in a task of its own.
+            await handler.mqtt_publish(topic, data, _QOS_1, retain=False)
+        except Exception as exc:  # a vanished or silent client must not hurt the broker
+            _log.warning("direct reply delivery failed: %r", exc)
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> StartupError:
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return StartupError(
+        f"cannot listen on {host}:{port}: {reason}; pass --mqtt-listen HOST:PORT to use another port, "
+        "or --broker-url mqtt://host:port to use an external broker instead"
+    )
+
+
+class EmbeddedBroker:
+    """An amqtt broker on host:port that also serves Kaa devices which never subscribe."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        bridge_client_id: str,
+        on_endpoint_seen: EndpointSeen,
+        kp1_prefix: str = "kp1",
+        extension: str = "cex",
+        bridge_password: str = "",
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._bridge_password = bridge_password
+        self._password_file = password_file
+        self._acl_file = acl_file
+        self._bridge_client_id = bridge_client_id
+        self._plugin_config = {
+            "bridge_client_id": bridge_client_id,
+            "kp1_prefix": kp1_prefix,
+            "extension": extension,
+            "on_endpoint_seen": on_endpoint_seen,
+        }
+        self._access: AccessControl | None = None
+        self._broker: GuardedBroker | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        self._access = AccessControl.from_files(
+            bridge_client_id=self._bridge_client_id,
+            bridge_password=self._bridge_password,
+            password_file=self._password_file,
+            acl_file=self._acl_file,
+        )
+        try:
+            await self._start()
+        except BaseException:
+            self._close_access()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        # We own the listening socket (amqtt's "external" listener) so that a taken port is a plain
+        # OSError here, not a logged amqtt traceback, and so shutdown can close every connection.
+        try:
+            server = await asyncio.start_server(self._serve, self._host, self._port, start_serving=False)
+        except OSError as exc:
+            raise _listen_error(self._host, self._port, exc) from exc
+        broker = GuardedBroker(self._config())
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            server.close()
+            raise StartupError(f"the embedded MQTT broker cannot start: {exc}") from exc
+        self._broker, self._server = broker, server
+        await server.start_serving()
+
+    def _close_access(self) -> None:
+        if self._access is not None:
+            self._access.close()
+            self._access = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        broker, server = self._broker, self._server
+        if broker is None or server is None:
+            return
+        server.close()
+        try:
+            await broker.shutdown()
+        finally:
+            self._broker = self._server = None
+            await self._drop_connections()
+            await server.wait_closed()
+            self._close_access()
+
+    async def _drop_connections(self) -> None:
+        # Connections that never finished their CONNECT are no session, so amqtt leaves them open.
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, so the connection task is ours to cancel: Python 3.11's start_server logs
+        # its own connection tasks as failed when they are cancelled.
+        if self._broker is None:
+            writer.close()
+            return
+        task = asyncio.create_task(self._connection(self._broker, self._access, reader, writer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    @staticmethod
+    async def _connection(
+        broker: GuardedBroker,
+        access: AccessControl | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        try:
+            source: Any = StreamReaderAdapter(reader)
+            if access is not None:
+                # Checked before amqtt reads the CONNECT: amqtt replaces or takes over a session with the same
+                # client id before it asks who the client is.
+                source = await access.screen(broker.sessions, reader, writer)
+            if source is not None:
+                await broker.external_connected(source, StreamWriterAdapter(writer), listener_name=_LISTENER)
+        finally:
+            if access is not None:
+                access.forget(writer)
+            writer.close()
+
+    def _config(self) -> BrokerConfig:
+        # Listing plugins explicitly leaves out amqtt's defaults: $SYS, packet logging, persistence.
+        # An auth plugin decides every CONNECT and topic plugins every publish, subscribe and delivery; with
+        # no ACL there is no topic plugin at all, which keeps amqtt's per-delivery check free.
+        listener = ListenerConfig(type=ListenerType.EXTERNAL, bind=f"{self._host}:{self._port}")
+        access = self._access
+        plugins: dict[str, Any] = {}
+        if access is None:
+            plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
+        else:
+            plugins[_path(LoginPlugin)] = {"access": access}
+            if access.acl is not None:
+                plugins[_path(TopicAclPlugin)] = {"access": access}
+        plugins[_path(_Kp1DeliveryPlugin)] = {**self._plugin_config, "access": access}
+        return BrokerConfig(listeners={_LISTENER: listener}, plugins=plugins)
+
+
+def _path(plugin: type) -> str:
+    return f"{plugin.__module__}.{plugin.__qualname__}"

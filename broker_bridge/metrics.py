@@ -1,0 +1,82 @@
+"""Prometheus metrics: command transitions by state and type, invoke-to-executed latency, MQTT
+reconnects and store commit batch sizes. One private registry per service instance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from broker_bridge.commands import Command, CommandState
+from broker_bridge.topics import Target
+
+MAX_TYPES = 200  # command types get their own label up to this many; the rest count as "other"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The service's metrics; also an Announcer, so it sees every committed change."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.transitions = Counter(
+            "broker_bridge_command_transitions",
+            "Commands entering a state, by state and command type",
+            ["state", "command_type"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "broker_bridge_invoke_to_executed_seconds",
+            "Time from invoke to the final result being committed",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.reconnects = Counter(
+            "broker_bridge_mqtt_reconnects", "Times the bridge lost its broker connection", registry=self.registry
+        )
+        self.received = Counter(
+            "broker_bridge_mqtt_received",
+            "MQTT messages the bridge received: device requests, admin requests, ignored (replies)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "broker_bridge_store_commit_batch_size",
+            "Operations per store commit (group commit)",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._types: set[str] = set()
+        self._last_state: dict[int, CommandState] = {}
+
+    def _type_label(self, command_type: str) -> str:
+        if command_type in self._types or len(self._types) < MAX_TYPES:
+            self._types.add(command_type)
+            return command_type
+        return "other"
+
+    def command_changed(self, command: Command) -> None:
+        if self._last_state.get(command.id) is command.state:
+            return  # another progress report: no transition
+        self.transitions.labels(command.state.value, self._type_label(command.target.command_type)).inc()
+        if command.is_open:
+            self._last_state[command.id] = command.state
+            return
+        self._last_state.pop(command.id, None)
+        if command.state is CommandState.EXECUTED:
+            self.latency.observe((command.updated_at - command.created_at).total_seconds())
+
+    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+        pass
+
+    def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
+        for command_id, target in expired:
+            self._last_state.pop(command_id, None)
+            self.transitions.labels(CommandState.EXPIRED.value, self._type_label(target.command_type)).inc()
+
+    def count_received(self, kind: str) -> None:
+        self.received.labels(kind).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,311 @@
+"""The one entry point for invoke, poll, result, cancel and history: MQTT, HTTP and CLI all call it.
+
+Every method commits through the store first and announces afterwards, so nothing is acknowledged
+or published that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import structlog
+
+from broker_bridge import commands
+from broker_bridge.commands import OPEN_STATES, Command, NewCommand, Report
+from broker_bridge.devices import Device, resolve
+from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, LimitExceeded
+from broker_bridge.protocol import ResultItem, check_document
+from broker_bridge.registry import Registry, RegistryMode
+from broker_bridge.store import CommandQuery, CommandStore, Delivery, ReportOutcome
+from broker_bridge.topics import Format, Target, parse_positive_int
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+DAY_S = 86_400.0
+EPHEMERAL_S = DAY_S  # Enapter: ephemeral executions are deleted 24 hours after creation
+RECHECK_S = 1.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Announcer(Protocol):
+    """Tells the outside world about committed changes (the MQTT bridge implements it)."""
+
+    def command_changed(self, command: Command) -> None:
+        """A command record changed: publish its event."""
+
+    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+        """A target's outstanding list changed: a command was added (or the device reappeared,
+        ``added=True``) or one left it (``added=False``). The bridge decides what to push."""
+
+    def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
+        """These commands expired; their records are fetched when their events are published."""
+
+
+class NullAnnouncer:
+    """Announces nothing: for a CLI without a broker and for tests of the service alone."""
+
+    def command_changed(self, command: Command) -> None:
+        pass
+
+    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+        pass
+
+    def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
+        pass
+
+
+class Announcers:
+    """Several announcers as one (the MQTT outbox, metrics)."""
+
+    def __init__(self, *members: Announcer) -> None:
+        self.members = members
+
+    def command_changed(self, command: Command) -> None:
+        for member in self.members:
+            member.command_changed(command)
+
+    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+        for member in self.members:
+            member.outstanding_changed(target, added=added)
+
+    def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
+        for member in self.members:
+            member.commands_expired(expired)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Time limits on commands."""
+
+    default_ttl_s: float = DAY_S
+    max_ttl_s: float = 30 * DAY_S
+    retention_s: float = 30 * DAY_S
+    max_outstanding_per_endpoint: int = 1000
+
+
+class CommandService:
+    """Command execution: the rules, with the store and the announcer plugged in."""
+
+    def __init__(
+        self,
+        store: CommandStore,
+        *,
+        announcer: Announcer | None = None,
+        limits: Limits | None = None,
+        clock: Clock = utc_now,
+        registry_mode: RegistryMode = RegistryMode.OPEN,
+    ) -> None:
+        self.store = store
+        self.announcer: Announcer = announcer or NullAnnouncer()
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.registry = Registry(store, registry_mode, clock)
+        self._waiters: dict[int, set[asyncio.Future[Command]]] = {}
+
+    # -- operator side ------------------------------------------------------------------------
+    async def invoke(
+        self,
+        target: Target,
+        payload: Any,
+        ttl_s: float | None = None,
+        *,
+        ephemeral: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Command:
+        """Create a pending command and push it to the device.
+
+        ``target.command_type`` may be a manifest alias; the payload is checked against the device's
+        manifest. With an idempotency key already used by this endpoint, the existing command is
+        returned and nothing new is created.
+        """
+        ttl = self._ttl(ttl_s)
+        check_document(payload)  # HTTP bodies and CLI arguments were not decoded by our codecs
+        device = await self.registry.admit(target.app_version, target.endpoint_token)
+        resolved = resolve(device.manifest, target.command_type, payload)
+        real = dataclasses.replace(target, command_type=resolved.command_type)
+        if idempotency_key is not None and (found := await self.store.find_idempotent(real, idempotency_key)):
+            return found
+        await self._check_outstanding(real)
+        now = self.clock()
+        new = NewCommand(
+            target=real,
+            payload=resolved.arguments,
+            created_at=now,
+            expires_at=commands.expires_at(now, ttl),
+            request_name=target.command_type if target.command_type != real.command_type else None,
+            ephemeral=ephemeral,
+            idempotency_key=idempotency_key,
+        )
+        return await self._create(new)
+
+    async def _check_outstanding(self, target: Target) -> None:
+        limit = self.limits.max_outstanding_per_endpoint
+        query = CommandQuery(app_version=target.app_version, endpoint_token=target.endpoint_token, states=OPEN_STATES)
+        if await self.store.count(query) >= limit:
+            raise LimitExceeded(
+                f"endpoint {target.endpoint_token!r} already has {limit} outstanding commands "
+                "(max_outstanding_per_endpoint); wait for results or cancel some"
+            )
+
+    async def _create(self, new: NewCommand) -> Command:
+        try:
+            command = await self.store.create(new)
+        except Conflict:  # the same idempotency key, concurrently
+            assert new.idempotency_key is not None
+            found = await self.store.find_idempotent(new.target, new.idempotency_key)
+            if found is None:
+                raise
+            return found
+        log.debug("command_invoked", id=command.id, target=_key(new.target))
+        self._announce(command, added=True)
+        return command
+
+    def _ttl(self, ttl_s: float | None) -> float:
+        if ttl_s is None:
+            return self.limits.default_ttl_s
+        if not 0 < ttl_s <= self.limits.max_ttl_s:
+            raise BadRequest(f"ttl must be > 0 and at most {self.limits.max_ttl_s:g} seconds, got {ttl_s:g}")
+        return ttl_s
+
+    async def cancel(self, command_id: int, target: Target | None = None) -> Command:
+        """Cancel an open command; it is never delivered again."""
+        command = await self.store.cancel(command_id, self.clock(), target)
+        log.info("command_cancelled", id=command.id)
+        self._announce(command, added=False)
+        return command
+
+    async def get(self, command_id: int) -> Command:
+        command = await self.store.get(command_id)
+        if command is None:
+            raise CommandNotFound(f"no command {command_id}")
+        return command
+
+    async def device_command(self, device: Device, command_id: str, command_type: str | None = None) -> Command:
+        """The command whose id (as text, from a URL) belongs to this device (and type); else 404."""
+        number = parse_positive_int(command_id)  # ASCII digits only: '²'.isdigit() is True
+        command = await self.store.get(number) if number is not None else None
+        t = command.target if command is not None else None
+        if (
+            command is None
+            or t is None
+            or (t.app_version, t.endpoint_token) != (device.app_version, device.endpoint_token)
+            or (command_type is not None and t.command_type != command_type)
+        ):
+            kind = f"{command_type!r} command" if command_type else "command"
+            raise CommandNotFound(f"no {kind} {command_id!r} for device {device.device_id!r}")
+        return command
+
+    async def history(self, query: CommandQuery) -> list[Command]:
+        return await self.store.history(query)
+
+    async def count(self, query: CommandQuery) -> int:
+        return await self.store.count(query)
+
+    # -- device side --------------------------------------------------------------------------
+    async def poll(self, target: Target, observe: bool | None, fmt: Format = Format.PLAIN) -> tuple[Command, ...]:
+        """Every outstanding command of a target; remembers the observe flag and format."""
+        await self.registry.admit(target.app_version, target.endpoint_token)
+        return await self.store.poll(target, self.clock(), observe, fmt)
+
+    async def report(self, target: Target, results: Sequence[ResultItem]) -> list[ReportOutcome]:
+        """Apply a device's results in order; each refused one carries its error."""
+        await self.registry.admit(target.app_version, target.endpoint_token)
+        now = self.clock()
+        reports = [(item.id, _to_report(item, now)) for item in results]
+        outcomes = await self.store.report(target, reports)
+        for outcome in outcomes:
+            self._log_outcome(outcome)
+            if outcome.changed and outcome.command is not None:
+                self._announce(outcome.command, added=None if outcome.command.is_open else False)
+        return outcomes
+
+    @staticmethod
+    def _log_outcome(outcome: ReportOutcome) -> None:
+        if outcome.error is not None:
+            log.info("result_refused", id=outcome.command_id, reason=outcome.error.reason)
+        elif outcome.command is not None:
+            log.debug("result_applied", id=outcome.command_id, state=outcome.command.state.value)
+
+    async def delivery(self, target: Target) -> Delivery:
+        return await self.store.delivery(target, self.clock())
+
+    async def endpoint_seen(self, app_version: str, endpoint_token: str) -> None:
+        """A device (re)appeared: push everything outstanding for it."""
+        for target in await self.store.open_targets(self.clock(), app_version, endpoint_token):
+            self.announcer.outstanding_changed(target, added=True)
+
+    # -- sweeps -------------------------------------------------------------------------------
+    async def expire_due(self, limit: int = 1000) -> int:
+        """Expire commands past their deadline; returns how many."""
+        expired = await self.store.expire_due(self.clock(), limit)
+        if not expired:
+            return 0
+        self.announcer.commands_expired(expired)
+        for target in dict.fromkeys(t for _, t in expired):
+            self.announcer.outstanding_changed(target, added=False)
+        waited = [command_id for command_id, _ in expired if command_id in self._waiters]
+        for command in await self.store.get_many(waited) if waited else []:
+            self._wake_waiters(command)
+        log.info("commands_expired", count=len(expired), ids=[i for i, _ in expired[:20]])
+        return len(expired)
+
+    async def purge_finished(self, limit: int = 1000) -> int:
+        """Delete finished commands past retention and ephemeral ones past a day; returns how many."""
+        now = self.clock()
+        finished = await self.store.purge_finished(now - timedelta(seconds=self.limits.retention_s), limit)
+        ephemeral = await self.store.purge_ephemeral(now - timedelta(seconds=EPHEMERAL_S), limit)
+        return max(finished, ephemeral)
+
+    # -- waiting for a result -------------------------------------------------------------------
+    async def wait_final(self, command_id: int, timeout_s: float) -> Command:
+        """The command once it is final, or as it stands when the timeout is up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        waiter: asyncio.Future[Command] = loop.create_future()
+        self._waiters.setdefault(command_id, set()).add(waiter)
+        try:
+            command = await self.get(command_id)
+            while command.is_open and (remaining := deadline - loop.time()) > 0:
+                # Re-read now and then: another bridge instance may have taken the result.
+                await asyncio.wait({waiter}, timeout=min(remaining, RECHECK_S))
+                command = waiter.result() if waiter.done() else await self.get(command_id)
+            return command
+        finally:
+            self._drop_waiter(command_id, waiter)
+
+    def _drop_waiter(self, command_id: int, waiter: asyncio.Future[Command]) -> None:
+        waiters = self._waiters.get(command_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[command_id]
+
+    def _announce(self, command: Command, *, added: bool | None) -> None:
+        """Publish the event; ``added`` None: the outstanding list itself did not change."""
+        self.announcer.command_changed(command)
+        if added is not None:
+            self.announcer.outstanding_changed(command.target, added=added)
+        if not command.is_open:
+            self._wake_waiters(command)
+
+    def _wake_waiters(self, command: Command) -> None:
+        for waiter in self._waiters.get(command.id, ()):
+            if not waiter.done():
+                waiter.set_result(command)
+
+
+def _to_report(item: ResultItem, now: datetime) -> Report:
+    return Report(status_code=item.status_code, reason_phrase=item.reason_phrase, payload=item.payload, received_at=now)
+
+
+def _key(target: Target) -> str:
+    return f"{target.app_version}/{target.endpoint_token}/{target.command_type}"

@@ -1,0 +1,5 @@
+"""Persistence behind one interface (``CommandStore``); every implementation passes one contract suite."""
+
+from broker_bridge.store.base import CommandQuery, CommandStore, Delivery, ReportOutcome
+
+__all__ = ["CommandQuery", "CommandStore", "Delivery", "ReportOutcome"]

@@ -1,0 +1,211 @@
+"""The store contract. Implementations: ``memory.MemoryStore`` (tests), ``sqlite.SqliteStore``.
+
+Rules every implementation keeps:
+- a method returns only after its change is durable (committed);
+- state moves follow ``commands.TRANSITIONS`` and are compare-and-set, so two writers never both win;
+- operations submitted by one task complete in submission order (a progress report sent before a
+  final result is applied before it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from broker_bridge.commands import (
+    Command,
+    CommandState,
+    NewCommand,
+    Report,
+    apply_report,
+    expire,
+    log_late_report,
+    rfc3339,
+)
+from broker_bridge.devices import Device
+from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound
+from broker_bridge.topics import Format, Target
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandQuery:
+    """Filters and page of a history listing; newest first unless ``oldest_first``."""
+
+    app_version: str | None = None
+    endpoint_token: str | None = None
+    command_type: str | None = None
+    states: frozenset[CommandState] = field(default_factory=frozenset)
+    ephemeral: bool | None = None  # None: both; False: hide ephemeral executions
+    limit: int = 50
+    offset: int = 0
+    oldest_first: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportOutcome:
+    """What one reported result did."""
+
+    command_id: int
+    command: Command | None  # the stored record after the report; None if refused as unknown
+    error: BridgeError | None  # why it was refused; None if applied
+    changed: bool  # the stored record changed and must be announced
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delivery:
+    """What to push to one target: its outstanding commands and how the device wants them."""
+
+    target: Target
+    observe: bool  # False once the device asked {"observe": false}
+    format: Format  # the format the device last polled with
+    retained: bool  # a non-empty list may still be retained on the broker for this target
+    commands: tuple[Command, ...]
+
+
+class CommandStore(Protocol):
+    """Durable command history. All times are timezone-aware UTC."""
+
+    async def create(self, new: NewCommand) -> Command:
+        """Store a new pending command and assign its service-wide unique id.
+
+        Conflict if another command of the same endpoint already has the idempotency key."""
+        ...
+
+    async def find_idempotent(self, target: Target, key: str) -> Command | None:
+        """The command of this endpoint created with this idempotency key, if any."""
+        ...
+
+    async def get(self, command_id: int) -> Command | None: ...
+
+    async def history(self, query: CommandQuery) -> list[Command]: ...
+
+    async def count(self, query: CommandQuery) -> int: ...
+
+    async def report(self, target: Target, reports: Sequence[tuple[int, Report]]) -> list[ReportOutcome]:
+        """Apply device reports in order; refuses ids of other targets without touching them."""
+        ...
+
+    async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
+        """Cancel an open command; CommandNotFound / CommandFinished otherwise."""
+        ...
+
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format
+    ) -> tuple[Command, ...]:
+        """The outstanding commands of a target, remembering the device's observe flag and format."""
+        ...
+
+    async def delivery(self, target: Target, now: datetime) -> Delivery: ...
+
+    async def mark_retained(self, target: Target, retained: bool) -> None:
+        """Remember whether a non-empty outstanding list is retained on the broker for a target."""
+        ...
+
+    async def retained_targets(self) -> list[Target]: ...
+
+    async def open_targets(self, now: datetime, app_version: str, endpoint_token: str) -> list[Target]:
+        """Every command type of one endpoint that has outstanding commands."""
+        ...
+
+    async def all_open_targets(self, now: datetime) -> list[Target]: ...
+
+    async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
+        """Expire up to ``limit`` open commands whose deadline passed, oldest deadline first.
+
+        Returns their ids and targets only: decoding whole records would cost more than the sweep
+        itself; ``get_many`` fetches them when they are announced."""
+        ...
+
+    async def get_many(self, command_ids: Sequence[int]) -> list[Command]:
+        """The commands with these ids that exist, in id order."""
+        ...
+
+    async def purge_finished(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` finished commands last updated before ``before``."""
+        ...
+
+    async def mark_announced(self, announced: Sequence[tuple[int, datetime]]) -> None:
+        """Record that the events of these (command id, updated_at) versions reached the broker."""
+        ...
+
+    async def unannounced(self, after_id: int, limit: int) -> list[Command]:
+        """Commands whose latest change has no acknowledged event yet, by id, after ``after_id``."""
+        ...
+
+    async def purge_ephemeral(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` ephemeral commands created before ``before``, whatever their state."""
+        ...
+
+    # -- the device registry --------------------------------------------------------------------
+    async def add_device(self, device: Device) -> Device:
+        """Register a device; Conflict if its id or its (app version, token) is taken."""
+        ...
+
+    async def replace_device(self, device: Device) -> Device:
+        """Store a changed device; DeviceNotFound if it is not registered, Conflict as add_device."""
+        ...
+
+    async def get_device(self, device_id: str) -> Device | None: ...
+
+    async def device_for(self, app_version: str, endpoint_token: str) -> Device | None: ...
+
+    async def devices(self, limit: int, offset: int) -> list[Device]:
+        """Registered devices, oldest first."""
+        ...
+
+    async def count_devices(self) -> int: ...
+
+    async def delete_device(self, device_id: str) -> bool:
+        """Unregister a device (its command history stays); False if there was none."""
+        ...
+
+
+def resolve_report(current: Command | None, target: Target, command_id: int, report: Report) -> ReportOutcome:
+    """Decide what one report does to the stored command; shared by every store.
+
+    A report for an id of another endpoint or type is refused as unknown (it must not reveal or
+    touch that command). A report that arrives after the deadline is kept in the log of the
+    expired command, and refused.
+    """
+    if current is None or current.target != target:
+        reason = (
+            f"no command {command_id} for endpoint {target.endpoint_token!r} "
+            f"and command type {target.command_type!r}"
+        )
+        return ReportOutcome(command_id=command_id, command=None, error=CommandNotFound(reason), changed=False)
+    if current.state is CommandState.EXPIRED or current.is_due(report.received_at):
+        expired = current if current.state is CommandState.EXPIRED else expire(current, report.received_at)
+        error = CommandFinished(f"command {command_id} expired at {rfc3339(expired.expires_at)}")
+        return ReportOutcome(
+            command_id=command_id, command=log_late_report(expired, report), error=error, changed=True
+        )
+    try:
+        updated = apply_report(current, report)
+    except CommandFinished as exc:
+        return ReportOutcome(command_id=command_id, command=current, error=exc, changed=False)
+    return ReportOutcome(command_id=command_id, command=updated, error=None, changed=True)
+
+
+def check_cancel(current: Command | None, command_id: int, target: Target | None) -> Command:
+    """The command a cancel applies to; CommandNotFound if the id does not match the target."""
+    if current is None or (target is not None and current.target != target):
+        raise CommandNotFound(f"no command {command_id}" + (f" for {_describe(target)}" if target else ""))
+    return current
+
+
+def _describe(target: Target) -> str:
+    return f"endpoint {target.endpoint_token!r} and command type {target.command_type!r}"
+
+
+def matches(command: Command, query: CommandQuery) -> bool:
+    """Whether a command passes a query's filters (the reference semantics for every store)."""
+    t = command.target
+    return (
+        (query.app_version is None or t.app_version == query.app_version)
+        and (query.endpoint_token is None or t.endpoint_token == query.endpoint_token)
+        and (query.command_type is None or t.command_type == query.command_type)
+        and (not query.states or command.state in query.states)
+        and (query.ephemeral is None or command.ephemeral == query.ephemeral)
+    )

@@ -1,0 +1,186 @@
+"""An in-memory store: the reference implementation of the contract, for tests and experiments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from broker_bridge import commands
+from broker_bridge.commands import Command, NewCommand, Report
+from broker_bridge.devices import Device
+from broker_bridge.errors import Conflict, DeviceNotFound
+from broker_bridge.store.base import (
+    CommandQuery,
+    Delivery,
+    ReportOutcome,
+    check_cancel,
+    matches,
+    resolve_report,
+)
+from broker_bridge.topics import Format, Target
+
+
+class MemoryStore:
+    """Keeps everything in dicts; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._commands: dict[int, Command] = {}
+        self._next_id = 1
+        self._observers: dict[Target, tuple[bool, Format]] = {}
+        self._retained: set[Target] = set()
+        self._devices: dict[str, Device] = {}
+        self._unannounced: dict[int, datetime] = {}  # command id -> updated_at of the unannounced change
+
+    def _put(self, command: Command) -> None:
+        self._commands[command.id] = command
+        self._unannounced[command.id] = command.updated_at
+
+    async def mark_announced(self, announced: Sequence[tuple[int, datetime]]) -> None:
+        for command_id, updated_at in announced:
+            if self._unannounced.get(command_id) == updated_at:
+                del self._unannounced[command_id]
+
+    async def unannounced(self, after_id: int, limit: int) -> list[Command]:
+        ids = sorted(i for i in self._unannounced if i > after_id and i in self._commands)[:limit]
+        return [self._commands[i] for i in ids]
+
+    async def create(self, new: NewCommand) -> Command:
+        if new.idempotency_key is not None and await self.find_idempotent(new.target, new.idempotency_key):
+            raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
+        command = commands.create(new, self._next_id)
+        self._next_id += 1
+        self._put(command)
+        return command
+
+    async def find_idempotent(self, target: Target, key: str) -> Command | None:
+        found = (c for c in self._commands.values() if c.idempotency_key == key and _same_endpoint(c.target, target))
+        return next(found, None)
+
+    async def get(self, command_id: int) -> Command | None:
+        return self._commands.get(command_id)
+
+    def _select(self, query: CommandQuery) -> list[Command]:
+        found = [c for c in self._commands.values() if matches(c, query)]
+        return sorted(found, key=lambda c: c.id, reverse=not query.oldest_first)
+
+    async def history(self, query: CommandQuery) -> list[Command]:
+        return self._select(query)[query.offset : query.offset + query.limit]
+
+    async def count(self, query: CommandQuery) -> int:
+        return len(self._select(query))
+
+    async def report(self, target: Target, reports: Sequence[tuple[int, Report]]) -> list[ReportOutcome]:
+        outcomes = []
+        for command_id, report in reports:
+            outcome = resolve_report(self._commands.get(command_id), target, command_id, report)
+            if outcome.changed and outcome.command is not None:
+                self._put(outcome.command)
+            outcomes.append(outcome)
+        return outcomes
+
+    async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
+        current = check_cancel(self._commands.get(command_id), command_id, target)
+        cancelled = commands.cancel(current, now)
+        self._put(cancelled)
+        return cancelled
+
+    def _outstanding(self, target: Target, now: datetime) -> tuple[Command, ...]:
+        found = (c for c in self._commands.values() if c.target == target and c.is_open and not c.is_due(now))
+        return tuple(sorted(found, key=lambda c: c.id))
+
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format
+    ) -> tuple[Command, ...]:
+        old_observe, _ = self._observers.get(target, (True, Format.PLAIN))
+        self._observers[target] = (old_observe if observe is None else observe, fmt)
+        return self._outstanding(target, now)
+
+    async def delivery(self, target: Target, now: datetime) -> Delivery:
+        observe, fmt = self._observers.get(target, (True, Format.PLAIN))
+        outstanding = self._outstanding(target, now)
+        retained = target in self._retained
+        return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
+
+    async def mark_retained(self, target: Target, retained: bool) -> None:
+        if retained:
+            self._retained.add(target)
+        else:
+            self._retained.discard(target)
+
+    async def retained_targets(self) -> list[Target]:
+        return sorted(self._retained, key=lambda t: (t.app_version, t.endpoint_token, t.command_type))
+
+    async def open_targets(self, now: datetime, app_version: str, endpoint_token: str) -> list[Target]:
+        return [
+            t
+            for t in await self.all_open_targets(now)
+            if (t.app_version, t.endpoint_token) == (app_version, endpoint_token)
+        ]
+
+    async def all_open_targets(self, now: datetime) -> list[Target]:
+        targets = {c.target for c in self._commands.values() if c.is_open and not c.is_due(now)}
+        return sorted(targets, key=lambda t: (t.app_version, t.endpoint_token, t.command_type))
+
+    async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
+        due = sorted((c for c in self._commands.values() if c.is_due(now)), key=lambda c: c.expires_at)
+        expired = [commands.expire(c, now) for c in due[:limit]]
+        for command in expired:
+            self._put(command)
+        return [(c.id, c.target) for c in expired]
+
+    async def get_many(self, command_ids: Sequence[int]) -> list[Command]:
+        return [self._commands[i] for i in sorted(set(command_ids)) if i in self._commands]
+
+    async def purge_finished(self, before: datetime, limit: int) -> int:
+        old = [c.id for c in self._commands.values() if not c.is_open and c.updated_at < before][:limit]
+        for command_id in old:
+            del self._commands[command_id]
+        return len(old)
+
+    async def purge_ephemeral(self, before: datetime, limit: int) -> int:
+        old = [c.id for c in self._commands.values() if c.ephemeral and c.created_at < before][:limit]
+        for command_id in old:
+            del self._commands[command_id]
+        return len(old)
+
+    # -- the device registry --------------------------------------------------------------------
+    def _check_free(self, device: Device) -> None:
+        for other in self._devices.values():
+            same_endpoint = (other.app_version, other.endpoint_token) == (device.app_version, device.endpoint_token)
+            if same_endpoint and other.device_id != device.device_id:
+                raise Conflict(f"endpoint {device.endpoint_token!r} is already registered as {other.device_id!r}")
+
+    async def add_device(self, device: Device) -> Device:
+        if device.device_id in self._devices:
+            raise Conflict(f"device {device.device_id!r} already exists")
+        self._check_free(device)
+        self._devices[device.device_id] = device
+        return device
+
+    async def replace_device(self, device: Device) -> Device:
+        if device.device_id not in self._devices:
+            raise DeviceNotFound(f"no device {device.device_id!r}")
+        self._check_free(device)
+        self._devices[device.device_id] = device
+        return device
+
+    async def get_device(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    async def device_for(self, app_version: str, endpoint_token: str) -> Device | None:
+        wanted = (app_version, endpoint_token)
+        return next((d for d in self._devices.values() if (d.app_version, d.endpoint_token) == wanted), None)
+
+    async def devices(self, limit: int, offset: int) -> list[Device]:
+        ordered = sorted(self._devices.values(), key=lambda d: (d.created_at, d.device_id))
+        return ordered[offset : offset + limit]
+
+    async def count_devices(self) -> int:
+        return len(self._devices)
+
+    async def delete_device(self, device_id: str) -> bool:
+        return self._devices.pop(device_id, None) is not None
+
+
+def _same_endpoint(a: Target, b: Target) -> bool:
+    return (a.app_version, a.endpoint_token) == (b.app_version, b.endpoint_token)

@@ -1,0 +1,90 @@
+"""The device registry half of the SQLite store (same connection, same queue, same commits)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiosqlite
+
+from broker_bridge.devices import Device
+from broker_bridge.errors import Conflict, DeviceNotFound
+from broker_bridge.store import sqlite_rows as rows
+
+Conn = aiosqlite.Connection
+
+
+class SqliteDevices:
+    """Registry operations; ``SqliteStore`` provides ``_submit`` and ``_delete``."""
+
+    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]], *, writes: bool) -> Any:
+        raise NotImplementedError
+
+    async def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
+        raise NotImplementedError
+
+    # -- the device registry --------------------------------------------------------------------
+    async def add_device(self, device: Device) -> Device:
+        async def op(conn: Conn) -> Device:
+            await _write_device(conn, rows.INSERT_DEVICE, rows.device_params(device), device)
+            return device
+
+        result: Device = await self._submit(op, writes=True)
+        return result
+
+    async def replace_device(self, device: Device) -> Device:
+        params = rows.device_params(device)
+
+        async def op(conn: Conn) -> Device:
+            if await _write_device(conn, rows.UPDATE_DEVICE, (*params[1:], params[0]), device) != 1:
+                raise DeviceNotFound(f"no device {device.device_id!r}")
+            return device
+
+        result: Device = await self._submit(op, writes=True)
+        return result
+
+    async def get_device(self, device_id: str) -> Device | None:
+        return await self._one_device("device_id = ?", (device_id,))
+
+    async def device_for(self, app_version: str, endpoint_token: str) -> Device | None:
+        return await self._one_device("app_version = ? AND endpoint_token = ?", (app_version, endpoint_token))
+
+    async def _one_device(self, where: str, params: tuple[Any, ...]) -> Device | None:
+        sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE {where}"
+
+        async def op(conn: Conn) -> Device | None:
+            found = list(await conn.execute_fetchall(sql, params))
+            return rows.to_device(found[0]) if found else None
+
+        result: Device | None = await self._submit(op, writes=False)
+        return result
+
+    async def devices(self, limit: int, offset: int) -> list[Device]:
+        sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT ? OFFSET ?"
+
+        async def op(conn: Conn) -> list[Device]:
+            return [rows.to_device(r) for r in await conn.execute_fetchall(sql, (limit, offset))]
+
+        result: list[Device] = await self._submit(op, writes=False)
+        return result
+
+    async def count_devices(self) -> int:
+        async def op(conn: Conn) -> int:
+            found = list(await conn.execute_fetchall("SELECT count(*) FROM devices"))
+            return int(found[0][0])
+
+        result: int = await self._submit(op, writes=False)
+        return result
+
+    async def delete_device(self, device_id: str) -> bool:
+        return await self._delete("DELETE FROM devices WHERE device_id = ?", (device_id,)) == 1
+
+
+async def _write_device(conn: Conn, sql: str, params: tuple[Any, ...], device: Device) -> int:
+    try:
+        cursor = await conn.execute(sql, params)
+    except sqlite3.IntegrityError:  # the statement changed nothing
+        endpoint = f"{device.app_version}/{device.endpoint_token}"
+        raise Conflict(f"device {device.device_id!r} or endpoint {endpoint} is already registered") from None
+    return cursor.rowcount

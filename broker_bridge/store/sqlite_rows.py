@@ -1,0 +1,198 @@
+"""SQL text and the mapping between SQLite rows and command records."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from broker_bridge.commands import Command, CommandState, NewCommand, Report
+from broker_bridge.devices import Device, Manifest
+from broker_bridge.store.base import CommandQuery
+from broker_bridge.topics import Format, Target
+
+COLUMNS = (
+    "id, app_version, endpoint_token, command_type, payload, state, status_code, reason_phrase, "
+    "result_payload, created_at, updated_at, expires_at, log, request_name, ephemeral, idempotency_key"
+)
+INSERT = (
+    "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced) "
+    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, 0)"
+)
+FIND_IDEMPOTENT = (
+    f"SELECT {COLUMNS} FROM commands WHERE app_version = ? AND endpoint_token = ? AND idempotency_key = ?"
+)
+DEVICE_COLUMNS = "device_id, app_version, endpoint_token, labels, manifest, created_at, updated_at"
+INSERT_DEVICE = f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+UPDATE_DEVICE = (
+    "UPDATE devices SET app_version = ?, endpoint_token = ?, labels = ?, manifest = ?, created_at = ?, "
+    "updated_at = ? WHERE device_id = ?"
+)
+UPDATE = (
+    "UPDATE commands SET state = ?, status_code = ?, reason_phrase = ?, result_payload = ?, updated_at = ?, log = ?, "
+    "announced = 0 WHERE id = ? AND state = ? AND updated_at = ?"
+)
+MARK_ANNOUNCED = "UPDATE commands SET announced = 1 WHERE id = ? AND updated_at = ?"
+UNANNOUNCED = f"SELECT {COLUMNS} FROM commands WHERE announced = 0 AND id > ? ORDER BY id LIMIT ?"
+TARGET_WHERE = "app_version = ? AND endpoint_token = ? AND command_type = ?"
+OUTSTANDING = (
+    f"SELECT {COLUMNS} FROM commands WHERE {TARGET_WHERE} "
+    "AND state IN ('pending', 'in_progress') AND expires_at > ? ORDER BY id"
+)
+OPEN_TARGETS = (
+    "SELECT DISTINCT app_version, endpoint_token, command_type FROM commands "
+    "WHERE state IN ('pending', 'in_progress') AND expires_at > ?"
+)
+SELECT_OBSERVER = f"SELECT observe, format, retained FROM observers WHERE {TARGET_WHERE}"
+UPSERT_OBSERVER = (
+    "INSERT INTO observers (app_version, endpoint_token, command_type, observe, format) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT DO UPDATE SET observe = excluded.observe, format = excluded.format"
+)
+MARK_RETAINED = (
+    "INSERT INTO observers (app_version, endpoint_token, command_type, retained) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT DO UPDATE SET retained = excluded.retained"
+)
+RETAINED_TARGETS = "SELECT app_version, endpoint_token, command_type FROM observers WHERE retained = 1"
+
+
+def to_us(moment: datetime) -> int:
+    """Microseconds since the epoch: exact, sortable, and the same in every store."""
+    delta = moment.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)  # twice as fast as fromtimestamp().replace()
+
+
+def load(text: str) -> Any:
+    """JSON text to a value; the common constants skip the parser (sweeps decode many rows)."""
+    if text == "null":
+        return None
+    if text == "[]":
+        return []
+    return json.loads(text)
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def target_params(target: Target) -> tuple[str, str, str]:
+    return (target.app_version, target.endpoint_token, target.command_type)
+
+
+def insert_params(new: NewCommand) -> tuple[Any, ...]:
+    created = to_us(new.created_at)
+    return (
+        *target_params(new.target),
+        dump(new.payload),
+        created,
+        created,
+        to_us(new.expires_at),
+        new.request_name,
+        int(new.ephemeral),
+        new.idempotency_key,
+    )
+
+
+def _log_params(log: tuple[Report, ...]) -> str:
+    return dump([[r.status_code, r.reason_phrase, r.payload, to_us(r.received_at)] for r in log])
+
+
+def update_params(before: Command, after: Command) -> tuple[Any, ...]:
+    return (
+        after.state.value,
+        after.status_code,
+        after.reason_phrase,
+        dump(after.result_payload),
+        to_us(after.updated_at),
+        _log_params(after.log),
+        before.id,
+        before.state.value,
+        to_us(before.updated_at),
+    )
+
+
+def observer_params(target: Target, observe: bool, fmt: Format) -> tuple[Any, ...]:
+    return (*target_params(target), int(observe), fmt.value)
+
+
+def _to_report(entry: list[Any]) -> Report:
+    status_code, reason_phrase, payload, received_us = entry
+    return Report(
+        status_code=status_code, reason_phrase=reason_phrase, payload=payload, received_at=from_us(received_us)
+    )
+
+
+def to_target(row: Any) -> Target:
+    return Target(app_version=row[0], endpoint_token=row[1], command_type=row[2])
+
+
+def to_command(row: Any) -> Command:
+    return Command(
+        id=row[0],
+        target=to_target(row[1:4]),
+        payload=load(row[4]),
+        state=CommandState(row[5]),
+        status_code=row[6],
+        reason_phrase=row[7],
+        result_payload=load(row[8]),
+        created_at=from_us(row[9]),
+        updated_at=from_us(row[10]),
+        expires_at=from_us(row[11]),
+        log=tuple(_to_report(e) for e in load(row[12])),
+        request_name=row[13],
+        ephemeral=bool(row[14]),
+        idempotency_key=row[15],
+    )
+
+
+def device_params(device: Device) -> tuple[Any, ...]:
+    manifest = None if device.manifest is None else device.manifest.model_dump_json(exclude_defaults=True)
+    return (
+        device.device_id,
+        device.app_version,
+        device.endpoint_token,
+        dump(device.labels),
+        manifest,
+        to_us(device.created_at),
+        to_us(device.updated_at),
+    )
+
+
+def to_device(row: Any) -> Device:
+    return Device(
+        device_id=row[0],
+        app_version=row[1],
+        endpoint_token=row[2],
+        labels=json.loads(row[3]),
+        manifest=None if row[4] is None else Manifest.model_validate_json(row[4]),
+        created_at=from_us(row[5]),
+        updated_at=from_us(row[6]),
+    )
+
+
+def where(query: CommandQuery) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause of a history query."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("app_version", query.app_version),
+        ("endpoint_token", query.endpoint_token),
+        ("command_type", query.command_type),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if query.ephemeral is not None:
+        clauses.append("ephemeral = ?")
+        params.append(int(query.ephemeral))
+    if query.states:
+        clauses.append(f"state IN ({', '.join('?' * len(query.states))})")
+        params.extend(sorted(s.value for s in query.states))
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)

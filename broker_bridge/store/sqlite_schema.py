@@ -1,0 +1,82 @@
+"""Versioned schema migrations for the SQLite store, tracked in ``PRAGMA user_version``."""
+
+from __future__ import annotations
+
+import aiosqlite
+
+# Each entry moves the schema from version N to N+1; never edit one that has shipped.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE commands (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused after purges
+        app_version TEXT NOT NULL,
+        endpoint_token TEXT NOT NULL,
+        command_type TEXT NOT NULL,
+        payload TEXT NOT NULL,                 -- JSON
+        state TEXT NOT NULL CHECK (state IN ('pending', 'in_progress', 'executed', 'expired', 'cancelled')),
+        status_code INTEGER,
+        reason_phrase TEXT,
+        result_payload TEXT NOT NULL DEFAULT 'null',
+        created_at INTEGER NOT NULL,           -- microseconds since the Unix epoch, UTC
+        updated_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        log TEXT NOT NULL DEFAULT '[]'         -- JSON array of [statusCode, reasonPhrase, payload, receivedAt]
+    );
+    -- Polls and pushes: the open commands of one target, in id order.
+    CREATE INDEX commands_open ON commands (app_version, endpoint_token, command_type, id)
+        WHERE state IN ('pending', 'in_progress');
+    -- The expiry sweep reads only what is due.
+    CREATE INDEX commands_due ON commands (expires_at) WHERE state IN ('pending', 'in_progress');
+    -- The retention sweep reads only what is old and finished.
+    CREATE INDEX commands_finished ON commands (updated_at)
+        WHERE state IN ('executed', 'expired', 'cancelled');
+    -- History listings filtered by endpoint.
+    CREATE INDEX commands_endpoint ON commands (endpoint_token, app_version, id);
+    CREATE TABLE observers (
+        app_version TEXT NOT NULL,
+        endpoint_token TEXT NOT NULL,
+        command_type TEXT NOT NULL,
+        observe INTEGER NOT NULL DEFAULT 1,    -- 0 once the device asked {"observe": false}
+        format TEXT NOT NULL DEFAULT '',       -- '', 'json' or 'msgpack': how pushes are encoded
+        retained INTEGER NOT NULL DEFAULT 0,   -- a non-empty list may be retained on the broker
+        PRIMARY KEY (app_version, endpoint_token, command_type)
+    ) WITHOUT ROWID;
+    CREATE INDEX observers_retained ON observers (retained) WHERE retained = 1;
+    """,
+    """
+    ALTER TABLE commands ADD COLUMN request_name TEXT;            -- alias used by the operator
+    ALTER TABLE commands ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE commands ADD COLUMN idempotency_key TEXT;
+    CREATE UNIQUE INDEX commands_idempotency ON commands (app_version, endpoint_token, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    -- Ephemeral executions are deleted a day after creation; the sweep reads only those.
+    CREATE INDEX commands_ephemeral ON commands (created_at) WHERE ephemeral = 1;
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        app_version TEXT NOT NULL,
+        endpoint_token TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',     -- JSON object of strings
+        manifest TEXT,                         -- JSON, or NULL: any command is allowed
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (app_version, endpoint_token)
+    );
+    """,
+    """
+    -- A transactional outbox in one column: every change clears it in the same statement, the
+    -- bridge sets it once the broker acknowledged the event, and republishes the rest after a crash.
+    ALTER TABLE commands ADD COLUMN announced INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX commands_unannounced ON commands (id) WHERE announced = 0;
+    """,
+]
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Bring the schema to the newest version; returns it."""
+    found = list(await conn.execute_fetchall("PRAGMA user_version"))
+    version = int(found[0][0])
+    if version > len(MIGRATIONS):
+        raise RuntimeError(f"database schema {version} is newer than this broker-bridge ({len(MIGRATIONS)})")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        await conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+    return len(MIGRATIONS)

@@ -1,0 +1,293 @@
+"""The embedded broker: endpoint association, direct reply delivery, startup and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker_bridge.broker import EmbeddedBroker
+from broker_bridge.errors import StartupError
+
+BRIDGE_ID = "broker-bridge-test"
+TIMEOUT = 5.0
+QUIET = 0.5  # how long "nothing arrives" is watched for, after a barrier made it very likely already
+PAYLOAD = b'[{"id":1,"payload":{}}]'
+
+
+class Seen:
+    """Records on_endpoint_seen calls so tests can wait for them."""
+
+    def __init__(self) -> None:
+        self.calls: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    async def __call__(self, app_version: str, token: str) -> None:
+        self.calls.put_nowait((app_version, token))
+
+    async def next(self) -> tuple[str, str]:
+        return await asyncio.wait_for(self.calls.get(), TIMEOUT)
+
+
+class Device:
+    """A Kaa-style paho-mqtt device: it registers message callbacks and never has to subscribe."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._port = port
+        self.replies: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_connect = lambda *_: self._call(self._connected.set)
+        self.client.on_disconnect = lambda *_: self._call(self._disconnected.set)
+        self.client.on_subscribe = lambda *_: self._call(self._subscribed.set)
+
+    def _call(self, func: Callable[..., Any], *args: Any) -> None:
+        # paho calls back from its own thread; a late callback after the loop closed must not raise there.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(func, *args)
+
+    def on_reply(self, topic: str) -> None:
+        self.client.message_callback_add(
+            topic, lambda _c, _u, msg: self._call(self.replies.put_nowait, (msg.topic, msg.payload))
+        )
+
+    async def connect(self) -> None:
+        self.client.connect("127.0.0.1", self._port)
+        self.client.loop_start()
+        await asyncio.wait_for(self._connected.wait(), TIMEOUT)
+
+    async def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        await asyncio.wait_for(self._subscribed.wait(), TIMEOUT)
+
+    def publish(self, topic: str, payload: bytes = b"{}") -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    async def stop(self) -> None:
+        self.client.disconnect()
+        await asyncio.wait_for(self._disconnected.wait(), TIMEOUT)
+        self.client.loop_stop()
+
+    async def reply(self) -> tuple[str, bytes]:
+        return await asyncio.wait_for(self.replies.get(), TIMEOUT)
+
+
+async def assert_quiet(queue: asyncio.Queue[Any]) -> None:
+    """Nothing more arrives on queue within QUIET seconds."""
+    try:
+        item = await asyncio.wait_for(queue.get(), QUIET)
+    except TimeoutError:
+        return
+    pytest.fail(f"unexpected {item!r}")
+
+
+def token() -> str:
+    return f"tok-{uuid.uuid4().hex[:8]}"
+
+
+def status_topic(app_version: str, endpoint: str) -> str:
+    return f"kp1/{app_version}/cex/{endpoint}/command/reboot/status"
+
+
+@pytest.fixture
+def seen() -> Seen:
+    """The on_endpoint_seen recorder of the broker under test."""
+    return Seen()
+
+
+@pytest.fixture
+async def broker(port: int, seen: Seen) -> AsyncIterator[EmbeddedBroker]:
+    """A running embedded broker on a free port."""
+    async with EmbeddedBroker(
+        host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=seen
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def device(broker: EmbeddedBroker, port: int) -> AsyncIterator[Callable[[str], Awaitable[Device]]]:
+    """Makes connected devices; stops those still running before the broker stops."""
+    made: list[Device] = []
+
+    async def make(client_id: str) -> Device:
+        made.append(Device(port, client_id))
+        await made[-1].connect()
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.client.disconnect()
+        one.client.loop_stop()
+
+
+@pytest.fixture
+async def bridge(broker: EmbeddedBroker, port: int) -> AsyncIterator[aiomqtt.Client]:
+    """An aiomqtt client using the bridge's client id."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=BRIDGE_ID) as client:
+        yield client
+
+
+async def test_unsubscribed_device_gets_reply(
+    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+) -> None:
+    """A device that never subscribes is announced once and still receives its status reply."""
+    endpoint = token()
+    dev = await device("dev-1")
+    dev.on_reply(status_topic(app_version, endpoint))
+    dev.publish(f"kp1/{app_version}/dcx/{endpoint}/json/32")
+    dev.publish(f"kp1/{app_version}/dcx/{endpoint}/json/33")
+    assert await seen.next() == (app_version, endpoint)
+    await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+    assert await dev.reply() == (status_topic(app_version, endpoint), PAYLOAD)
+    await assert_quiet(seen.calls)
+
+
+async def test_subscribed_device_gets_one_copy(
+    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+) -> None:
+    """A device subscribed to its status topic receives each reply exactly once."""
+    endpoint = token()
+    dev = await device("dev-sub")
+    dev.on_reply(status_topic(app_version, endpoint))
+    await dev.subscribe(status_topic(app_version, endpoint))
+    assert await seen.next() == (app_version, endpoint)
+    dev.publish(f"kp1/{app_version}/cex/{endpoint}/command/reboot")
+    await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+    assert await dev.reply() == (status_topic(app_version, endpoint), PAYLOAD)
+    await assert_quiet(dev.replies)
+
+
+async def test_replies_reach_only_their_endpoint(
+    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+) -> None:
+    """A reply reaches only its endpoint's devices; the bridge's own publishes associate nothing."""
+    mine, other, stray = token(), token(), token()
+    everything = f"kp1/{app_version}/cex/+/command/+/status"
+    dev_mine, dev_other = await device("dev-mine"), await device("dev-other")
+    for dev, endpoint in ((dev_mine, mine), (dev_other, other)):
+        dev.on_reply(everything)
+        dev.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+    assert {await seen.next(), await seen.next()} == {(app_version, mine), (app_version, other)}
+    await bridge.publish(f"kp1/{app_version}/cex/{stray}/command/reboot", b"{}", qos=1)
+    for endpoint in (stray, mine, other):
+        await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+    # Replies go out in publish order, so each device's first reply being its own rules out earlier ones.
+    assert await dev_mine.reply() == (status_topic(app_version, mine), PAYLOAD)
+    assert await dev_other.reply() == (status_topic(app_version, other), PAYLOAD)
+    await assert_quiet(dev_mine.replies)
+    await assert_quiet(dev_other.replies)
+    await assert_quiet(seen.calls)
+    assert len(bridge.messages) == 0
+
+
+async def test_reconnect_announces_again(
+    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+) -> None:
+    """A device that reconnects is announced again and receives replies on its new connection."""
+    endpoint = token()
+    first = await device("dev-re")
+    first.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+    assert await seen.next() == (app_version, endpoint)
+    await first.stop()
+    second = await device("dev-re")
+    second.on_reply(status_topic(app_version, endpoint))
+    second.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+    assert await seen.next() == (app_version, endpoint)
+    await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+    assert await second.reply() == (status_topic(app_version, endpoint), PAYLOAD)
+
+
+async def test_takeover_keeps_new_connection(
+    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+) -> None:
+    """A new connection under a client id still in use is announced, and the old one leaving keeps it."""
+    endpoint = token()
+    old = await device("dev-dup")
+    old.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+    assert await seen.next() == (app_version, endpoint)
+    new = await device("dev-dup")
+    new.on_reply(status_topic(app_version, endpoint))
+    new.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+    assert await seen.next() == (app_version, endpoint)
+    await old.stop()
+    await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+    assert await new.reply() == (status_topic(app_version, endpoint), PAYLOAD)
+
+
+async def test_failing_callback_is_logged(
+    port: int, app_version: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception from on_endpoint_seen is logged and the reply is still delivered."""
+
+    async def explode(app_version: str, token: str) -> None:
+        raise RuntimeError("boom")
+
+    endpoint, dev = token(), Device(port, "dev-boom")
+    async with EmbeddedBroker(host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=explode):
+        try:
+            await dev.connect()
+            dev.on_reply(status_topic(app_version, endpoint))
+            dev.publish(f"kp1/{app_version}/dcx/{endpoint}/json/1")
+            async with aiomqtt.Client("127.0.0.1", port, identifier=BRIDGE_ID) as bridge:
+                await bridge.publish(status_topic(app_version, endpoint), PAYLOAD, qos=1)
+                assert await dev.reply() == (status_topic(app_version, endpoint), PAYLOAD)
+        finally:
+            dev.client.disconnect()
+            dev.client.loop_stop()
+    assert any("on_endpoint_seen failed" in r.message and r.exc_info for r in caplog.records)
+
+
+async def test_port_taken(port: int) -> None:
+    """A taken listen address fails with a StartupError that names both ways out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(StartupError) as caught:
+            async with EmbeddedBroker(
+                host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=Seen()
+            ):
+                pytest.fail("the broker started on a taken port")
+    reason = caught.value.reason
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in reason
+    assert "--mqtt-listen" in reason
+    assert "--broker-url" in reason
+
+
+async def test_shutdown_with_clients_connected(port: int, app_version: str) -> None:
+    """Shutdown is prompt with devices and a half-open socket connected and a callback still running."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hang(app_version: str, token: str) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    embedded = EmbeddedBroker(host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=hang)
+    await embedded.__aenter__()
+    devices = [Device(port, f"dev-{n}") for n in range(3)]
+    half_open = socket.create_connection(("127.0.0.1", port))  # connected, but never sends CONNECT
+    try:
+        for dev in devices:
+            await dev.connect()
+        await devices[0].subscribe(status_topic(app_version, token()))
+        devices[1].publish(f"kp1/{app_version}/dcx/{token()}/json/1")
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        await asyncio.wait_for(embedded.__aexit__(None, None, None), TIMEOUT)
+        assert cancelled.is_set()
+    finally:
+        half_open.close()
+        for dev in devices:
+            dev.client.loop_stop()
+

@@ -1,0 +1,75 @@
+"""The CLI's registry and history commands, run in-process against a database in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.cli import main
+from tests.conftest import free_port
+
+
+def run(capsys: pytest.CaptureFixture[str], db: Path, *args: str) -> tuple[int, str, str]:
+    # A port where nothing listens: the CLI must still store, and say the broker was not reachable.
+    code = main([*args, "--db", str(db), "--mqtt-listen", f"127.0.0.1:{free_port()}"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_devices_add_update_delete_and_manifest_on_invoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Register a device with a manifest; the CLI invoke path enforces it; update and delete work."""
+    db = tmp_path / "b.db"
+    manifest = tmp_path / "m.json"
+    manifest.write_text(
+        json.dumps(
+            {"commands": {"reboot": {"aliases": ["restart"], "arguments": {"delay_s": {"type": "integer", "max": 60}}}}}
+        )
+    )
+    code, out, _ = run(
+        capsys,
+        db,
+        "devices",
+        "add",
+        "--app-version",
+        "a-v1",
+        "--token",
+        "t1",
+        "--id",
+        "d1",
+        "--label",
+        "site=lab",
+        "--manifest",
+        str(manifest),
+        "--json",
+    )
+    assert code == 0
+    assert json.loads(out)["labels"] == {"site": "lab"}
+    code, _, err = run(capsys, db, "invoke", "a-v1", "t1", "restart", "--payload", '{"delay_s": 99}')
+    assert (code, "arguments.delay_s" in err) == (1, True)
+    code, out, err = run(capsys, db, "invoke", "a-v1", "t1", "restart", "--payload", '{"delay_s": 5}', "--json")
+    assert code == 0
+    assert json.loads(out)["commandType"] == "reboot"
+    assert "no broker" in err
+    code, out, _ = run(capsys, db, "devices", "update", "d1", "--no-manifest", "--json")
+    assert json.loads(out)["manifest"] is None
+    code, _, err = run(capsys, db, "devices", "add", "--app-version", "a-v1", "--token", "t1")
+    assert (code, "already registered" in err) == (1, True)
+    assert run(capsys, db, "devices", "delete", "d1")[0] == 0
+    code, _, err = run(capsys, db, "devices", "show", "d1")
+    assert (code, "no device" in err) == (1, True)
+
+
+def test_list_filters_and_show(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """list filters by token and state; show prints the record; a bad label is a usage error."""
+    db = tmp_path / "b.db"
+    for token in ("t1", "t2"):
+        assert run(capsys, db, "invoke", "a-v1", token, "reboot")[0] == 0
+    code, out, _ = run(capsys, db, "list", "--token", "t2", "--state", "pending", "--json")
+    records = json.loads(out)
+    assert [r["endpointToken"] for r in records] == ["t2"]
+    code, out, _ = run(capsys, db, "show", str(records[0]["id"]))
+    assert "state: pending" in out
+    code, _, err = run(capsys, db, "devices", "add", "--app-version", "a", "--token", "t", "--label", "nokey")
+    assert (code, "KEY=VALUE" in err) == (2, True)

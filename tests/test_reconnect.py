@@ -1,0 +1,33 @@
+"""The bridge survives its broker going away and coming back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import MosquittoProcess
+from tests.harness import make_settings, probe, running_service
+
+
+async def test_bridge_reconnects_after_mosquitto_restart(
+    tmp_path: Path, app_version: str, mosquitto: MosquittoProcess
+) -> None:
+    """Stop the external broker, start it again: the bridge resubscribes and serves requests."""
+    settings = make_settings(tmp_path, mosquitto.port, broker_url=mosquitto.url)
+    topic = f"cex/admin/{app_version}/dev/invoke/reboot"
+    async with running_service(settings):
+        async with probe(mosquitto.port) as admin:
+            before = await admin.request(f"{topic}/1", {"payload": 1})
+        mosquitto.stop()
+        mosquitto.start()
+        async with probe(mosquitto.port) as admin:
+            for rid in range(2, 200):  # requests sent before the bridge resubscribed are not answered
+                await admin.subscribe(f"{topic}/{rid}/+")
+                await admin.publish(f"{topic}/{rid}", {"payload": rid})
+                try:
+                    after = await admin.wait_for(lambda s, r=rid: s.topic == f"{topic}/{r}/status", within_s=0.25)
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                raise AssertionError("the bridge never came back")
+    assert after.json()["id"] > before.json()["id"]

@@ -1,0 +1,381 @@
+"""One contract, every store: MemoryStore and SqliteStore must behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.commands import CommandState, NewCommand, Report
+from broker_bridge.devices import Device, parse_manifest
+from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, DeviceNotFound
+from broker_bridge.store import CommandQuery, CommandStore
+from broker_bridge.store.memory import MemoryStore
+from broker_bridge.store.sqlite import SqliteStore
+from broker_bridge.topics import Format, Target
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
+OTHER_TYPE = Target(app_version="app-v1", endpoint_token="dev1", command_type="zero")
+OTHER_DEVICE = Target(app_version="app-v1", endpoint_token="dev2", command_type="reboot")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CommandStore]:
+    """Each contract test runs once per store implementation."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    async with SqliteStore(tmp_path / "bridge.db") as sqlite_store:
+        yield sqlite_store
+
+
+def new(target: Target = REBOOT, ttl_s: float = 60, at: datetime = T0, payload: object = None) -> NewCommand:
+    return NewCommand(target=target, payload=payload, created_at=at, expires_at=at + timedelta(seconds=ttl_s))
+
+
+def report(code: int, at: datetime = T0, payload: object = "ok") -> Report:
+    return Report(status_code=code, reason_phrase="R", payload=payload, received_at=at + timedelta(seconds=1))
+
+
+Make = Callable[..., NewCommand]
+
+
+async def test_create_assigns_increasing_unique_ids(store: CommandStore) -> None:
+    """Ids are integers, unique and increasing across targets."""
+    ids = [(await store.create(new(t))).id for t in (REBOOT, OTHER_TYPE, OTHER_DEVICE, REBOOT)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 4
+
+
+async def test_create_round_trips_every_field(store: CommandStore) -> None:
+    """What is stored comes back equal, including microseconds and nested payloads."""
+    created = await store.create(new(payload={"a": [1, 2.5, None, "ü"]}))
+    fetched = await store.get(created.id)
+    assert fetched == created
+    assert fetched.state is CommandState.PENDING
+    assert fetched.expires_at == T0 + timedelta(seconds=60)
+
+
+async def test_get_unknown_returns_none(store: CommandStore) -> None:
+    """Unknown ids are None, not an error."""
+    assert await store.get(999) is None
+
+
+async def test_poll_returns_only_open_commands_of_that_target(store: CommandStore) -> None:
+    """A poll sees its own target's open, undue commands in id order."""
+    a = await store.create(new())
+    b = await store.create(new())
+    await store.create(new(OTHER_TYPE))
+    await store.create(new(OTHER_DEVICE))
+    await store.report(REBOOT, [(a.id, report(200))])
+    polled = await store.poll(REBOOT, T0 + timedelta(seconds=2), None, Format.PLAIN)
+    assert [c.id for c in polled] == [b.id]
+
+
+async def test_poll_hides_due_commands(store: CommandStore) -> None:
+    """A command past its deadline is not delivered even before the sweep runs."""
+    await store.create(new(ttl_s=5))
+    assert await store.poll(REBOOT, T0 + timedelta(seconds=5), None, Format.PLAIN) == ()
+
+
+async def test_progress_then_final_result(store: CommandStore) -> None:
+    """1xx moves to in_progress and logs; a final code executes and stores the result."""
+    cmd = await store.create(new())
+    [progress] = await store.report(REBOOT, [(cmd.id, report(102, payload={"pct": 50}))])
+    assert progress.error is None
+    assert progress.command is not None
+    assert progress.command.state is CommandState.IN_PROGRESS
+    [final] = await store.report(REBOOT, [(cmd.id, report(409, at=T0 + timedelta(seconds=1), payload="busy"))])
+    stored = await store.get(cmd.id)
+    assert final.command == stored
+    assert stored is not None
+    assert (stored.state, stored.status_code, stored.result_payload) == (CommandState.EXECUTED, 409, "busy")
+    assert [r.status_code for r in stored.log] == [102, 409]
+
+
+async def test_report_for_other_target_is_refused_and_changes_nothing(store: CommandStore) -> None:
+    """A result naming another endpoint's or type's id is unknown there and leaves it untouched."""
+    cmd = await store.create(new())
+    for wrong in (OTHER_TYPE, OTHER_DEVICE):
+        [outcome] = await store.report(wrong, [(cmd.id, report(200))])
+        assert isinstance(outcome.error, CommandNotFound)
+        assert not outcome.changed
+    assert await store.get(cmd.id) == cmd
+
+
+async def test_report_on_finished_command_is_refused(store: CommandStore) -> None:
+    """A second final result does not overwrite the first."""
+    cmd = await store.create(new())
+    await store.report(REBOOT, [(cmd.id, report(200, payload="first"))])
+    [again] = await store.report(REBOOT, [(cmd.id, report(500, payload="second"))])
+    assert isinstance(again.error, CommandFinished)
+    stored = await store.get(cmd.id)
+    assert stored is not None
+    assert (stored.status_code, stored.result_payload, len(stored.log)) == (200, "first", 1)
+
+
+async def test_late_report_is_logged_on_expired_command(store: CommandStore) -> None:
+    """After the deadline a result is refused, the command is expired and the report kept in its log."""
+    cmd = await store.create(new(ttl_s=0.5))
+    [late] = await store.report(REBOOT, [(cmd.id, report(200))])
+    assert isinstance(late.error, CommandFinished)
+    stored = await store.get(cmd.id)
+    assert stored is not None
+    assert stored.state is CommandState.EXPIRED
+    assert stored.status_code is None
+    assert [r.status_code for r in stored.log] == [200]
+
+
+async def test_batch_report_applies_each_item_in_order(store: CommandStore) -> None:
+    """An array of results is applied item by item; a bad id does not block the good ones."""
+    a = await store.create(new())
+    b = await store.create(new())
+    batch = [(a.id, report(102)), (999, report(200)), (a.id, report(200)), (b.id, report(201))]
+    outcomes = await store.report(REBOOT, batch)
+    assert [o.error is None for o in outcomes] == [True, False, True, True]
+    assert [(await store.get(i)).state for i in (a.id, b.id)] == [CommandState.EXECUTED] * 2  # type: ignore[union-attr]
+
+
+async def test_cancel(store: CommandStore) -> None:
+    """Cancel finishes an open command; a finished or foreign one is refused."""
+    cmd = await store.create(new())
+    with pytest.raises(CommandNotFound):
+        await store.cancel(cmd.id, T0, OTHER_DEVICE)
+    cancelled = await store.cancel(cmd.id, T0 + timedelta(seconds=1), REBOOT)
+    assert cancelled.state is CommandState.CANCELLED
+    assert await store.get(cmd.id) == cancelled
+    with pytest.raises(CommandFinished):
+        await store.cancel(cmd.id, T0 + timedelta(seconds=2))
+    assert await store.poll(REBOOT, T0, None, Format.PLAIN) == ()
+
+
+async def test_expire_due_takes_only_due_commands_up_to_limit(store: CommandStore) -> None:
+    """The sweep expires what is due, oldest deadline first, and nothing else."""
+    due = [await store.create(new(ttl_s=s)) for s in (3, 1, 2)]
+    later = await store.create(new(ttl_s=100))
+    done = await store.create(new(ttl_s=1))
+    await store.report(REBOOT, [(done.id, report(200, at=T0 - timedelta(seconds=1)))])
+    first = await store.expire_due(T0 + timedelta(seconds=10), limit=2)
+    assert first == [(due[1].id, REBOOT), (due[2].id, REBOOT)]
+    rest = await store.expire_due(T0 + timedelta(seconds=10), limit=10)
+    assert rest == [(due[0].id, REBOOT)]
+    fetched = await store.get_many([due[0].id, due[1].id, due[2].id, 999])
+    assert [c.id for c in fetched] == sorted(c.id for c in due)
+    assert all(c.state is CommandState.EXPIRED for c in fetched)
+    assert (await store.get(later.id)).state is CommandState.PENDING  # type: ignore[union-attr]
+    assert (await store.get(done.id)).state is CommandState.EXECUTED  # type: ignore[union-attr]
+
+
+async def test_purge_deletes_old_finished_only_and_ids_are_not_reused(store: CommandStore) -> None:
+    """Retention removes old finished commands; open ones stay; new ids stay unique."""
+    old = await store.create(new())
+    await store.report(REBOOT, [(old.id, report(200))])
+    still_open = await store.create(new(ttl_s=10_000))
+    assert await store.purge_finished(T0 + timedelta(days=1), limit=100) == 1
+    assert await store.get(old.id) is None
+    assert await store.get(still_open.id) is not None
+    assert (await store.create(new())).id > still_open.id
+
+
+async def test_history_filters_orders_and_pages(store: CommandStore) -> None:
+    """History filters by app version, token, type and state, newest first by default."""
+    ids = [(await store.create(new(t))).id for t in (REBOOT, OTHER_TYPE, OTHER_DEVICE, REBOOT)]
+    await store.report(REBOOT, [(ids[0], report(200))])
+    assert [c.id for c in await store.history(CommandQuery())] == ids[::-1]
+    by_device = CommandQuery(endpoint_token="dev1", command_type="reboot")
+    assert [c.id for c in await store.history(by_device)] == [ids[3], ids[0]]
+    pending = CommandQuery(states=frozenset({CommandState.PENDING}), oldest_first=True, limit=2, offset=1)
+    assert [c.id for c in await store.history(pending)] == [ids[2], ids[3]]
+    assert await store.count(CommandQuery(app_version="app-v1")) == 4
+    assert await store.count(CommandQuery(app_version="nope")) == 0
+
+
+async def test_poll_remembers_observe_and_format(store: CommandStore) -> None:
+    """observe false sticks until observe true; the last poll's format is used for pushes."""
+    assert (await store.delivery(REBOOT, T0)).observe is True
+    await store.poll(REBOOT, T0, False, Format.MSGPACK)
+    await store.poll(REBOOT, T0, None, Format.MSGPACK)
+    delivery = await store.delivery(REBOOT, T0)
+    assert (delivery.observe, delivery.format) == (False, Format.MSGPACK)
+    await store.poll(REBOOT, T0, True, Format.PLAIN)
+    delivery = await store.delivery(REBOOT, T0)
+    assert (delivery.observe, delivery.format) == (True, Format.PLAIN)
+
+
+async def test_open_targets_and_retained_marks(store: CommandStore) -> None:
+    """Open targets are listed per endpoint; retained marks are remembered."""
+    await store.create(new(REBOOT))
+    await store.create(new(OTHER_TYPE))
+    await store.create(new(OTHER_DEVICE))
+    assert await store.open_targets(T0, "app-v1", "dev1") == [REBOOT, OTHER_TYPE]
+    assert len(await store.all_open_targets(T0)) == 3
+    await store.mark_retained(OTHER_DEVICE, True)
+    assert await store.retained_targets() == [OTHER_DEVICE]
+    assert (await store.delivery(OTHER_DEVICE, T0)).retained is True
+    await store.mark_retained(OTHER_DEVICE, False)
+    assert await store.retained_targets() == []
+
+
+async def test_concurrent_operations_keep_submission_order(store: CommandStore) -> None:
+    """Progress and final result submitted back to back apply in that order."""
+    cmd = await store.create(new())
+    progress = asyncio.ensure_future(store.report(REBOOT, [(cmd.id, report(102))]))
+    final = asyncio.ensure_future(store.report(REBOOT, [(cmd.id, report(200, at=T0 + timedelta(seconds=1)))]))
+    results = await asyncio.gather(progress, final)
+    assert [r[0].error for r in results] == [None, None]
+    stored = await store.get(cmd.id)
+    assert stored is not None
+    assert [r.status_code for r in stored.log] == [102, 200]
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    """What was committed is there after the store is closed and opened again."""
+    async with SqliteStore(tmp_path / "b.db") as first:
+        cmd = await first.create(new())
+        await first.report(REBOOT, [(cmd.id, report(102))])
+    async with SqliteStore(tmp_path / "b.db") as second:
+        assert await second.get(cmd.id) == (await second.history(CommandQuery()))[0]
+        assert (await second.get(cmd.id)).state is CommandState.IN_PROGRESS  # type: ignore[union-attr]
+
+
+async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    """Many waiting writes share commits: fewer commits than writes."""
+    async with SqliteStore(tmp_path / "b.db") as sqlite_store:
+        created = await asyncio.gather(*(sqlite_store.create(new()) for _ in range(200)))
+        assert len({c.id for c in created}) == 200
+        assert max(sqlite_store.batch_sizes) > 1
+        assert len(sqlite_store.batch_sizes) < 200
+
+
+@pytest.mark.parametrize(
+    ("sql", "index"),
+    [
+        (
+            "SELECT id FROM commands WHERE state IN ('pending', 'in_progress') AND expires_at <= 1 "
+            "ORDER BY expires_at LIMIT 10",
+            "commands_due",
+        ),
+        (
+            "SELECT id FROM commands WHERE state IN ('executed', 'expired', 'cancelled') AND updated_at < 1 "
+            "ORDER BY updated_at LIMIT 10",
+            "commands_finished",
+        ),
+    ],
+)
+async def test_sqlite_sweeps_read_only_what_they_remove(tmp_path: Path, sql: str, index: str) -> None:
+    """The expiry and retention sweeps search a partial index, not the whole table."""
+    async with SqliteStore(tmp_path / "b.db"):
+        pass
+    with sqlite3.connect(tmp_path / "b.db") as conn:
+        plan = " ".join(str(row) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+    assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+
+
+# -- issue 3: idempotency, ephemeral executions, the device registry ----------------------------
+def device(device_id: str = "d1", token: str = "dev1", manifest: dict[str, object] | None = None) -> Device:
+    spec = None if manifest is None else parse_manifest(manifest)
+    return Device(
+        device_id=device_id,
+        app_version="app-v1",
+        endpoint_token=token,
+        labels={"site": "a"},
+        manifest=spec,
+        created_at=T0,
+        updated_at=T0,
+    )
+
+
+async def test_idempotency_key_is_unique_per_endpoint(store: CommandStore) -> None:
+    """A key names one command per endpoint; another endpoint may reuse it."""
+    first = await store.create(
+        NewCommand(target=REBOOT, payload=1, created_at=T0, expires_at=T0 + timedelta(hours=1), idempotency_key="k1")
+    )
+    assert await store.find_idempotent(OTHER_TYPE, "k1") == first  # same endpoint, any type
+    assert await store.find_idempotent(OTHER_DEVICE, "k1") is None
+    with pytest.raises(Conflict):
+        await store.create(NewCommand(target=REBOOT, payload=2, created_at=T0, expires_at=T0, idempotency_key="k1"))
+    other = await store.create(
+        NewCommand(target=OTHER_DEVICE, payload=3, created_at=T0, expires_at=T0, idempotency_key="k1")
+    )
+    assert other.id != first.id
+    assert await store.count(CommandQuery()) == 2
+
+
+async def test_ephemeral_commands_hidden_on_request_and_purged_by_age(store: CommandStore) -> None:
+    """Ephemeral commands can be filtered out and are deleted by creation time, whatever their state."""
+    kept = await store.create(new())
+    short = await store.create(
+        NewCommand(
+            target=REBOOT,
+            payload=None,
+            created_at=T0,
+            expires_at=T0 + timedelta(hours=1),
+            ephemeral=True,
+            request_name="alias",
+        )
+    )
+    assert (await store.get(short.id)) == short
+    assert short.ephemeral
+    assert short.request_name == "alias"
+    assert [c.id for c in await store.history(CommandQuery(ephemeral=False))] == [kept.id]
+    assert await store.count(CommandQuery()) == 2
+    assert await store.purge_ephemeral(T0, limit=10) == 0
+    assert await store.purge_ephemeral(T0 + timedelta(days=1), limit=10) == 1
+    assert await store.get(short.id) is None
+    assert await store.get(kept.id) is not None
+
+
+async def test_device_registry_round_trip(store: CommandStore) -> None:
+    """Devices are stored with labels and manifest, found by id and by endpoint, listed, replaced, deleted."""
+    manifest = {"commands": {"reboot": {"aliases": ["restart"], "arguments": {"delay": {"type": "integer"}}}}}
+    added = await store.add_device(device(manifest=manifest))
+    assert await store.get_device("d1") == added
+    assert await store.device_for("app-v1", "dev1") == added
+    assert await store.device_for("app-v1", "nobody") is None
+    await store.add_device(device("d2", "dev2"))
+    assert [d.device_id for d in await store.devices(limit=10, offset=0)] == ["d1", "d2"]
+    assert await store.count_devices() == 2
+    changed = dataclasses.replace(added, labels={"site": "b"}, manifest=None)
+    assert await store.replace_device(changed) == changed
+    assert await store.get_device("d1") == changed
+    assert await store.delete_device("d1") is True
+    assert await store.delete_device("d1") is False
+    assert await store.get_device("d1") is None
+
+
+async def test_device_conflicts(store: CommandStore) -> None:
+    """Duplicate ids and duplicate endpoints are refused; replacing an unknown device is not found."""
+    await store.add_device(device())
+    with pytest.raises(Conflict):
+        await store.add_device(device())
+    with pytest.raises(Conflict):
+        await store.add_device(device("d2", "dev1"))
+    second = await store.add_device(device("d2", "dev2"))
+    with pytest.raises(Conflict):
+        await store.replace_device(dataclasses.replace(second, endpoint_token="dev1"))
+    with pytest.raises(DeviceNotFound):
+        await store.replace_device(device("ghost", "dev9"))
+
+
+async def test_unannounced_changes_until_marked(store: CommandStore) -> None:
+    """Every change is unannounced until its exact version is marked; a newer change is not covered."""
+    a = await store.create(new())
+    b = await store.create(new())
+    assert [c.id for c in await store.unannounced(0, 10)] == [a.id, b.id]
+    await store.mark_announced([(a.id, a.updated_at), (b.id, b.updated_at)])
+    assert await store.unannounced(0, 10) == []
+    [outcome] = await store.report(REBOOT, [(a.id, report(200))])
+    assert outcome.command is not None
+    assert [c.id for c in await store.unannounced(0, 10)] == [a.id]
+    await store.mark_announced([(a.id, a.updated_at)])  # the old version: does not cover the new one
+    assert [c.state for c in await store.unannounced(0, 10)] == [CommandState.EXECUTED]
+    await store.mark_announced([(a.id, outcome.command.updated_at)])
+    await store.cancel(b.id, T0 + timedelta(seconds=5))
+    assert [c.id for c in await store.unannounced(0, 10)] == [b.id]
+    assert await store.unannounced(b.id, 10) == []
