@@ -20,6 +20,8 @@ from typing import Literal
 import aiomqtt
 import psutil  # type: ignore[import-untyped]
 
+from bench.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -47,13 +49,6 @@ class BenchError(Exception):
 def now() -> float:
     """The clock of every timestamp: CLOCK_MONOTONIC on Linux, the same in every process of the machine."""
     return time.monotonic()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_for_port(port: int, timeout_s: float = 15.0, alive: Callable[[], bool] | None = None) -> None:

@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
+
 # CI sets this so that a missing service fails the run instead of skipping tests.
 REQUIRE_ENV = "BROKER_BRIDGE_REQUIRE_SERVICES"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
