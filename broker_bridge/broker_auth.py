@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -511,8 +512,31 @@ class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no t
         return access.permits(principal_of(session), Access(str(action)), topic)
 
 
+@functools.lru_cache(maxsize=65536)
+def _literal_head(topic_filter: str) -> str:
+    """The levels of a filter before its first wildcard: every topic it matches starts with them."""
+    head: list[str] = []
+    for level in topic_filter.split("/"):
+        if level in ("+", "#") or "+" in level or "#" in level:
+            break
+        head.append(level)
+    return "/".join(head)
+
+
 class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's Broker with two leaks closed; both are amqtt 0.12.1 internals, overridden whole."""
+    """amqtt's Broker with two leaks closed (amqtt 0.12.1 internals, overridden whole) and faster routing."""
+
+    def _matches(self, topic: str, a_filter: str) -> bool:
+        # amqtt routes every message by testing it against every subscription filter (10% of the
+        # embedded broker's CPU under the benchmark load, where most filters are other devices'). A
+        # wildcard filter's literal head is cached, so a filter for another endpoint fails on one
+        # startswith instead of a split of both strings; what passes gets amqtt's own full test.
+        if "+" not in a_filter and "#" not in a_filter:
+            return topic == a_filter
+        if not topic.startswith(_literal_head(a_filter)):
+            return False
+        matched: bool = super()._matches(topic, a_filter)
+        return matched
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,9 +13,13 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
+from amqtt.broker import Broker
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker_bridge.broker import EmbeddedBroker
+from broker_bridge.broker_auth import GuardedBroker
 from broker_bridge.errors import StartupError
 
 BRIDGE_ID = "broker-bridge-test"
@@ -224,9 +229,7 @@ async def test_takeover_keeps_new_connection(
     assert await new.reply() == (status_topic(app_version, endpoint), PAYLOAD)
 
 
-async def test_failing_callback_is_logged(
-    port: int, app_version: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_failing_callback_is_logged(port: int, app_version: str, caplog: pytest.LogCaptureFixture) -> None:
     """An exception from on_endpoint_seen is logged and the reply is still delivered."""
 
     async def explode(app_version: str, token: str) -> None:
@@ -253,9 +256,7 @@ async def test_port_taken(port: int) -> None:
         taken.bind(("127.0.0.1", port))
         taken.listen()
         with pytest.raises(StartupError) as caught:
-            async with EmbeddedBroker(
-                host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=Seen()
-            ):
+            async with EmbeddedBroker(host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=Seen()):
                 pytest.fail("the broker started on a taken port")
     reason = caught.value.reason
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in reason
@@ -291,3 +292,18 @@ async def test_shutdown_with_clients_connected(port: int, app_version: str) -> N
         for dev in devices:
             dev.client.loop_stop()
 
+
+_LEVELS = st.sampled_from(["", "a", "b", "ab", "$SYS", "kp1", "+", "#", "a+", "b#"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    topic=st.lists(_LEVELS.filter(lambda lvl: lvl not in ("+", "#", "a+", "b#")), min_size=1, max_size=5),
+    topic_filter=st.lists(_LEVELS, min_size=1, max_size=5),
+)
+def test_fast_routing_matches_exactly_as_amqtt(topic: list[str], topic_filter: list[str]) -> None:
+    """GuardedBroker's cached-prefix shortcut decides every (topic, filter) pair as amqtt's own test does."""
+    broker = GuardedBroker.__new__(GuardedBroker)  # _matches needs only the logger
+    broker.logger = logging.getLogger("amqtt.test")
+    joined_topic, joined_filter = "/".join(topic), "/".join(topic_filter)
+    assert broker._matches(joined_topic, joined_filter) == Broker._matches(broker, joined_topic, joined_filter)
