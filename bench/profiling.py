@@ -1,7 +1,7 @@
 """Profile of ``broker-bridge serve`` under the end-to-end load: ``py-spy record`` around the process.
 
 py-spy writes collapsed stacks (``thread;outer;...;leaf count``); this module adds them up:
-- by thread (the event loop vs aiosqlite's worker thread),
+- by thread (the event loop vs the SQLite store's thread),
 - by what the time is spent in (the innermost frame of a known library: JSON, pydantic, sqlite,
   paho, amqtt, structlog, asyncio's loop, ... or broker_bridge's own modules),
 - the functions with the most samples, on their own (self) and with what they call (inclusive).
@@ -28,8 +28,10 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 # (category, substrings of a frame's file); the first match walking from the leaf up wins.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("sqlite (aiosqlite worker thread: SQL, commit/fsync)", ("aiosqlite/core.py", "sqlite3/")),
-    ("aiosqlite hand-off on the loop (futures, queue, context)", ("aiosqlite/", "concurrent/futures", "queue.py")),
+    # sqlite3 runs in C: py-spy charges the SQL to the Python line that called it (store code on the
+    # store's thread); the thread table says how much of serve that thread is.
+    ("sqlite (store thread: SQL, commit/fsync)", ("aiosqlite/core.py", "sqlite3/")),
+    ("store thread hand-off on the loop (futures, queue, context)", ("aiosqlite/", "concurrent/futures", "queue.py")),
     ("JSON encode/decode", ("json/",)),
     ("pydantic validation", ("pydantic/", "pydantic_core/")),
     ("structlog / logging", ("structlog/", "logging/")),
@@ -112,10 +114,8 @@ def analyse(raw: Path, *, top: int = 25) -> dict[str, Any]:
             startup += count  # imports and class creation before the service runs
             continue
         parsed = [_parse(f) for f in frames]
-        worker = "_connection_worker_thread" in thread or any("aiosqlite/core.py" in f[1] for f in parsed[:2])
-        role = (
-            "aiosqlite worker thread" if worker else ("event loop (main thread)" if thread == "MainThread" else thread)
-        )
+        worker = thread.startswith("sqlite-store") or any("concurrent/futures/thread.py" in f[1] for f in parsed[:2])
+        role = "store thread" if worker else ("event loop (main thread)" if thread == "MainThread" else thread)
         func, file, lineno = parsed[-1]
         if _waiting(file, lineno):
             idle[role] += count
@@ -124,7 +124,7 @@ def analyse(raw: Path, *, top: int = 25) -> dict[str, Any]:
         threads[role] += count
         category = _category(files)
         if not worker and category == CATEGORIES[0][0]:
-            category = CATEGORIES[1][0]  # aiosqlite frames on the loop: handing work over, not SQL
+            category = CATEGORIES[1][0]  # on the loop: handing work over, not SQL
         categories[category] += count
         if not worker:
             categories_loop[category] += count

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,7 @@ def _meta(args: argparse.Namespace, mode: str, scale: Scale) -> dict[str, Any]:
             "aiomqtt": version("aiomqtt"),
             "amqtt": version("amqtt"),
             "paho-mqtt": version("paho-mqtt"),
-            "aiosqlite": version("aiosqlite"),
+            "sqlite": sqlite3.sqlite_version,
             "mosquitto": mosquitto,
         },
         "scale": asdict(scale),

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,16 +40,18 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         yield opened
 
 
-async def pragma(store: SqliteStore, sql: str) -> None:
-    """Run a PRAGMA on the store's own connection (how the tests make the disk 'full' or read-only)."""
-    assert store._conn is not None
-    await store._conn.execute(sql)
+async def pragma(store: SqliteStore, sql: str) -> list[tuple[Any, ...]]:
+    """Run a PRAGMA on the store's own connection and thread (how the tests make the disk 'full' or read-only)."""
+    conn = store._conn
+    assert conn is not None
+    found: list[tuple[Any, ...]] = await store._on_thread(lambda: conn.execute(sql).fetchall())
+    return found
 
 
 async def test_disk_full_refuses_writes_then_recovers(store: SqliteStore) -> None:
     """SQLITE_FULL becomes StoreUnavailable, nothing is half-written, and writing works again later."""
     kept = await store.create(new())
-    pages = [row[0] for row in await store._conn.execute_fetchall("PRAGMA page_count")]  # type: ignore[union-attr]
+    pages = [row[0] for row in await pragma(store, "PRAGMA page_count")]
     await pragma(store, f"PRAGMA max_page_count = {pages[0]}")
     with pytest.raises(StoreUnavailable, match="full"):
         await asyncio.gather(
@@ -123,7 +126,7 @@ async def test_service_answers_503_over_mqtt_and_http_while_the_disk_is_full(tmp
         async with httpx.AsyncClient(base_url=f"http://{settings.http_listen}", headers=headers) as http:
             ok = await admin.request(f"cex/admin/{app_version}/dev/invoke/reboot/1", {"payload": 1})
             assert ok.topic.endswith("/status")
-            pages = [row[0] for row in await store._conn.execute_fetchall("PRAGMA page_count")]  # type: ignore[union-attr]
+            pages = [row[0] for row in await pragma(store, "PRAGMA page_count")]
             await pragma(store, f"PRAGMA max_page_count = {pages[0]}")
             big = {"payload": "x" * 200_000}
             failed = await admin.request(f"cex/admin/{app_version}/dev/invoke/reboot/2", big)

@@ -1,9 +1,13 @@
-"""SQLite store: one connection, one FIFO queue of operations, one commit per batch.
+"""SQLite store: one connection on one thread, one FIFO queue of operations, one commit per batch.
 
-Every operation is queued; a single worker takes everything waiting (up to ``max_batch``), runs it
-in one ``BEGIN IMMEDIATE`` transaction and commits once, so many concurrent requests share one
-fsync (group commit). Futures resolve only after the commit. FIFO order keeps a device's progress
-report ahead of its final result.
+Every operation is queued; a single worker takes everything waiting (up to ``max_batch``) and hands
+the whole batch to the store's thread in one hop, which runs it in one ``BEGIN IMMEDIATE``
+transaction and commits once, so many concurrent requests share one fsync (group commit). Futures
+resolve only after the commit. FIFO order keeps a device's progress report ahead of its final result.
+
+Why not aiosqlite: it hops to its thread and back once per statement. Profiled under the benchmark's
+end-to-end load, those hops cost more of the event loop than the SQL itself cost the worker
+(bench/README.md); a batch of N operations now costs two thread switches instead of 2N + 2.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
-import aiosqlite
 import structlog
 
 from broker_bridge import commands
@@ -37,16 +41,25 @@ from broker_bridge.topics import Format, Target
 
 log = structlog.get_logger(__name__)
 
-Conn = aiosqlite.Connection
+Conn = sqlite3.Connection
 OPEN = "('pending', 'in_progress')"
 FINISHED = "('executed', 'expired', 'cancelled')"
+Results = list[tuple[Any, BaseException | None]]
 
 
 @dataclass(slots=True)
 class _Op:
-    fn: Callable[[Conn], Awaitable[Any]]
+    fn: Callable[[Conn], Any]  # runs on the store's thread, inside the batch's transaction
     writes: bool
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _BatchFailed(Exception):
+    """The batch was rolled back; ``cause`` says why (raised on the store's thread)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class SqliteStore(SqliteDevices):
@@ -62,6 +75,7 @@ class SqliteStore(SqliteDevices):
             raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.synchronous = synchronous
         self._conn: Conn | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # recent commit batch sizes, for tests
@@ -70,11 +84,9 @@ class SqliteStore(SqliteDevices):
     # -- life cycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         try:
-            self._conn = await _connect(self.path, self.busy_timeout_ms, self.synchronous)
-            await migrate(self._conn)
+            self._conn = await self._on_thread(_open, self.path, self.busy_timeout_ms, self.synchronous)
         except sqlite3.Error as exc:
-            if self._conn is not None:
-                await self._conn.close()
+            self._thread.shutdown(wait=False)
             raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from exc
         self._worker = asyncio.create_task(self._run(), name="sqlite-writer")
         return self
@@ -84,10 +96,15 @@ class SqliteStore(SqliteDevices):
             self._queue.put_nowait(None)  # drain what is queued, then stop
             await asyncio.shield(self._worker)
         if self._conn is not None:
-            await self._conn.close()
+            await self._on_thread(self._conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=False)  # idle now: its thread ends at once
+
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     # -- the worker ---------------------------------------------------------------------------
-    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]], *, writes: bool) -> Any:
+    async def _submit(self, fn: Callable[[Conn], Any], *, writes: bool) -> Any:
         op = _Op(fn=fn, writes=writes)
         self._queue.put_nowait(op)  # before any suspension: keeps callers' order
         return await op.future
@@ -107,16 +124,15 @@ class SqliteStore(SqliteDevices):
         assert self._conn is not None
         writes = any(op.writes for op in batch)
         try:
-            results = await self._execute(self._conn, batch, writes)
-        except (sqlite3.Error, OSError) as exc:
-            await _rollback(self._conn, writes)
-            log.error("store_batch_failed", error=str(exc), size=len(batch))
-            _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
-            return
-        except Exception as exc:  # a bug in one operation: the batch is lost, the writer lives on
-            await _rollback(self._conn, writes)
-            log.exception("store_batch_crashed", size=len(batch))
-            _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
+            results: Results = await self._on_thread(_execute, self._conn, batch, writes)
+        except _BatchFailed as failed:
+            exc = failed.cause
+            if isinstance(exc, sqlite3.Error | OSError):
+                log.error("store_batch_failed", error=str(exc), size=len(batch))
+                _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
+            else:  # a bug in one operation: the batch is lost, the writer lives on
+                log.error("store_batch_crashed", size=len(batch), exc_info=exc)
+                _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
             return
         if writes:
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
@@ -125,25 +141,11 @@ class SqliteStore(SqliteDevices):
         for op, (value, error) in zip(batch, results, strict=True):
             _resolve(op.future, value, error)
 
-    @staticmethod
-    async def _execute(conn: Conn, batch: list[_Op], writes: bool) -> list[tuple[Any, BaseException | None]]:
-        if writes:
-            await conn.execute("BEGIN IMMEDIATE")
-        results: list[tuple[Any, BaseException | None]] = []
-        for op in batch:
-            try:
-                results.append((await op.fn(conn), None))
-            except BridgeError as exc:  # refused before writing anything
-                results.append((None, exc))
-        if writes:
-            await conn.execute("COMMIT")
-        return results
-
     # -- the contract -------------------------------------------------------------------------
     async def create(self, new: NewCommand) -> Command:
-        async def op(conn: Conn) -> Command:
+        def op(conn: Conn) -> Command:
             try:
-                cursor = await conn.execute(rows.INSERT, rows.insert_params(new))
+                cursor = conn.execute(rows.INSERT, rows.insert_params(new))
             except sqlite3.IntegrityError:  # the statement changed nothing
                 raise Conflict(f"idempotency key {new.idempotency_key!r} is already used") from None
             assert cursor.lastrowid is not None
@@ -155,16 +157,16 @@ class SqliteStore(SqliteDevices):
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
         params = (target.app_version, target.endpoint_token, key)
 
-        async def op(conn: Conn) -> Command | None:
-            found = list(await conn.execute_fetchall(rows.FIND_IDEMPOTENT, params))
+        def op(conn: Conn) -> Command | None:
+            found = list(conn.execute(rows.FIND_IDEMPOTENT, params))
             return rows.to_command(found[0]) if found else None
 
         result: Command | None = await self._submit(op, writes=False)
         return result
 
     async def get(self, command_id: int) -> Command | None:
-        async def op(conn: Conn) -> Command | None:
-            return await _fetch_one(conn, command_id)
+        def op(conn: Conn) -> Command | None:
+            return _fetch_one(conn, command_id)
 
         result: Command | None = await self._submit(op, writes=False)
         return result
@@ -174,8 +176,8 @@ class SqliteStore(SqliteDevices):
         order = "ASC" if query.oldest_first else "DESC"
         sql = f"SELECT {rows.COLUMNS} FROM commands {where} ORDER BY id {order} LIMIT ? OFFSET ?"
 
-        async def op(conn: Conn) -> list[Command]:
-            return [rows.to_command(r) for r in await conn.execute_fetchall(sql, (*params, query.limit, query.offset))]
+        def op(conn: Conn) -> list[Command]:
+            return [rows.to_command(r) for r in conn.execute(sql, (*params, query.limit, query.offset))]
 
         result: list[Command] = await self._submit(op, writes=False)
         return result
@@ -183,53 +185,53 @@ class SqliteStore(SqliteDevices):
     async def count(self, query: CommandQuery) -> int:
         where, params = rows.where(query)
 
-        async def op(conn: Conn) -> int:
-            found = list(await conn.execute_fetchall(f"SELECT count(*) FROM commands {where}", params))
+        def op(conn: Conn) -> int:
+            found = list(conn.execute(f"SELECT count(*) FROM commands {where}", params))
             return int(found[0][0])
 
         result: int = await self._submit(op, writes=False)
         return result
 
     async def report(self, target: Target, reports: Sequence[tuple[int, Report]]) -> list[ReportOutcome]:
-        async def op(conn: Conn) -> list[ReportOutcome]:
-            return [await _report_one(conn, target, command_id, report) for command_id, report in reports]
+        def op(conn: Conn) -> list[ReportOutcome]:
+            return [_report_one(conn, target, command_id, report) for command_id, report in reports]
 
         result: list[ReportOutcome] = await self._submit(op, writes=True)
         return result
 
     async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
-        async def op(conn: Conn) -> Command:
-            current = check_cancel(await _fetch_one(conn, command_id), command_id, target)
+        def op(conn: Conn) -> Command:
+            current = check_cancel(_fetch_one(conn, command_id), command_id, target)
             cancelled = commands.cancel(current, now)
-            await _save(conn, current, cancelled)
+            _save(conn, current, cancelled)
             return cancelled
 
         result: Command = await self._submit(op, writes=True)
         return result
 
     async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> tuple[Command, ...]:
-        async def op(conn: Conn) -> tuple[Command, ...]:
-            old_observe, old_fmt, _ = await _observer(conn, target)
+        def op(conn: Conn) -> tuple[Command, ...]:
+            old_observe, old_fmt, _ = _observer(conn, target)
             new_observe = old_observe if observe is None else observe
             if (new_observe, fmt) != (old_observe, old_fmt):
-                await conn.execute(rows.UPSERT_OBSERVER, rows.observer_params(target, new_observe, fmt))
-            return await _outstanding(conn, target, now)
+                conn.execute(rows.UPSERT_OBSERVER, rows.observer_params(target, new_observe, fmt))
+            return _outstanding(conn, target, now)
 
         result: tuple[Command, ...] = await self._submit(op, writes=True)
         return result
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
-        async def op(conn: Conn) -> Delivery:
-            observe, fmt, retained = await _observer(conn, target)
-            outstanding = await _outstanding(conn, target, now)
+        def op(conn: Conn) -> Delivery:
+            observe, fmt, retained = _observer(conn, target)
+            outstanding = _outstanding(conn, target, now)
             return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
 
         result: Delivery = await self._submit(op, writes=False)
         return result
 
     async def mark_retained(self, target: Target, retained: bool) -> None:
-        async def op(conn: Conn) -> None:
-            await conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), int(retained)))
+        def op(conn: Conn) -> None:
+            conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), int(retained)))
 
         await self._submit(op, writes=True)
 
@@ -244,8 +246,8 @@ class SqliteStore(SqliteDevices):
         return await self._targets(rows.OPEN_TARGETS, (rows.to_us(now),))
 
     async def _targets(self, sql: str, params: tuple[Any, ...]) -> list[Target]:
-        async def op(conn: Conn) -> list[Target]:
-            return [rows.to_target(r) for r in await conn.execute_fetchall(sql, params)]
+        def op(conn: Conn) -> list[Target]:
+            return [rows.to_target(r) for r in conn.execute(sql, params)]
 
         result: list[Target] = await self._submit(op, writes=False)
         return result
@@ -257,8 +259,8 @@ class SqliteStore(SqliteDevices):
             f"ORDER BY expires_at LIMIT :limit) RETURNING id, app_version, endpoint_token, command_type"
         )
 
-        async def op(conn: Conn) -> list[tuple[int, Target]]:
-            found = await conn.execute_fetchall(sql, {"now": rows.to_us(now), "limit": limit})
+        def op(conn: Conn) -> list[tuple[int, Target]]:
+            found = conn.execute(sql, {"now": rows.to_us(now), "limit": limit})
             return [(r[0], rows.to_target(r[1:])) for r in found]
 
         result: list[tuple[int, Target]] = await self._submit(op, writes=True)
@@ -267,12 +269,12 @@ class SqliteStore(SqliteDevices):
     async def get_many(self, command_ids: Sequence[int]) -> list[Command]:
         ids = sorted(set(command_ids))
 
-        async def op(conn: Conn) -> list[Command]:
+        def op(conn: Conn) -> list[Command]:
             found: list[Command] = []
             for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
                 chunk = ids[start : start + 500]
                 sql = f"SELECT {rows.COLUMNS} FROM commands WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id"
-                found.extend(rows.to_command(r) for r in await conn.execute_fetchall(sql, chunk))
+                found.extend(rows.to_command(r) for r in conn.execute(sql, chunk))
             return found
 
         result: list[Command] = await self._submit(op, writes=False)
@@ -289,14 +291,14 @@ class SqliteStore(SqliteDevices):
     async def mark_announced(self, announced: Sequence[tuple[int, datetime]]) -> None:
         params = [(command_id, rows.to_us(updated_at)) for command_id, updated_at in announced]
 
-        async def op(conn: Conn) -> None:
-            await conn.executemany(rows.MARK_ANNOUNCED, params)
+        def op(conn: Conn) -> None:
+            conn.executemany(rows.MARK_ANNOUNCED, params)
 
         await self._submit(op, writes=True)
 
     async def unannounced(self, after_id: int, limit: int) -> list[Command]:
-        async def op(conn: Conn) -> list[Command]:
-            return [rows.to_command(r) for r in await conn.execute_fetchall(rows.UNANNOUNCED, (after_id, limit))]
+        def op(conn: Conn) -> list[Command]:
+            return [rows.to_command(r) for r in conn.execute(rows.UNANNOUNCED, (after_id, limit))]
 
         result: list[Command] = await self._submit(op, writes=False)
         return result
@@ -309,40 +311,49 @@ class SqliteStore(SqliteDevices):
         return await self._delete(sql, (rows.to_us(before), limit))
 
     async def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
-        async def op(conn: Conn) -> int:
-            cursor = await conn.execute(sql, params)
+        def op(conn: Conn) -> int:
+            cursor = conn.execute(sql, params)
             return cursor.rowcount
 
         result: int = await self._submit(op, writes=True)
         return result
 
 
-# -- helpers run inside the worker's transaction ------------------------------------------------
-async def _connect(path: Path, busy_timeout_ms: int, synchronous: str) -> Conn:
-    pending = aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+# -- run on the store's thread ------------------------------------------------------------------
+def _open(path: Path, busy_timeout_ms: int, synchronous: str) -> Conn:
+    conn = sqlite3.connect(path, isolation_level=None)  # autocommit: we issue BEGIN/COMMIT ourselves
     try:
-        conn = await pending
-    except BaseException:
-        # aiosqlite 0.22 stops its worker thread on a failed connect without waiting for it; the
-        # thread then reports to our loop, perhaps after it closed. Wait for it (internal _thread).
-        await asyncio.to_thread(pending._thread.join, 5.0)
-        raise
-    try:
-        await conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA journal_mode = WAL")
         # FULL: every commit is fsynced and survives power loss. NORMAL (in WAL mode): a commit
         # survives kill -9 and restarts, but an OS crash can lose the last ones; ~100x cheaper here.
-        await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")  # then "database is locked"
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")  # then "database is locked"
+        migrate(conn)
     except BaseException:
-        await conn.close()
+        conn.close()
         raise
     return conn
 
 
-async def _rollback(conn: Conn, writes: bool) -> None:
-    if writes:
-        with contextlib.suppress(sqlite3.Error):  # no transaction was open
-            await conn.execute("ROLLBACK")
+def _execute(conn: Conn, batch: list[_Op], writes: bool) -> Results:
+    """One transaction for the whole batch; an operation's own refusal does not spoil the others."""
+    try:
+        if writes:
+            conn.execute("BEGIN IMMEDIATE")
+        results: Results = []
+        for op in batch:
+            try:
+                results.append((op.fn(conn), None))
+            except BridgeError as exc:  # refused before writing anything
+                results.append((None, exc))
+        if writes:
+            conn.execute("COMMIT")
+    except Exception as exc:
+        if writes:
+            with contextlib.suppress(sqlite3.Error):  # no transaction was open
+                conn.execute("ROLLBACK")
+        raise _BatchFailed(exc) from exc
+    return results
 
 
 def _fail_all(batch: list[_Op], error: BaseException) -> None:
@@ -359,34 +370,34 @@ def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | Non
         future.set_result(value)
 
 
-async def _fetch_one(conn: Conn, command_id: int) -> Command | None:
-    found = list(await conn.execute_fetchall(f"SELECT {rows.COLUMNS} FROM commands WHERE id = ?", (command_id,)))
-    return rows.to_command(found[0]) if found else None
+def _fetch_one(conn: Conn, command_id: int) -> Command | None:
+    found = conn.execute(f"SELECT {rows.COLUMNS} FROM commands WHERE id = ?", (command_id,)).fetchone()
+    return rows.to_command(found) if found else None
 
 
-async def _save(conn: Conn, before: Command, after: Command) -> None:
+def _save(conn: Conn, before: Command, after: Command) -> None:
     """Write a transition, compare-and-set on the state and version the decision was made from."""
-    cursor = await conn.execute(rows.UPDATE, rows.update_params(before, after))
+    cursor = conn.execute(rows.UPDATE, rows.update_params(before, after))
     if cursor.rowcount != 1:
         raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
 
 
-async def _report_one(conn: Conn, target: Target, command_id: int, report: Report) -> ReportOutcome:
-    current = await _fetch_one(conn, command_id)
+def _report_one(conn: Conn, target: Target, command_id: int, report: Report) -> ReportOutcome:
+    current = _fetch_one(conn, command_id)
     outcome = resolve_report(current, target, command_id, report)
     if outcome.changed and outcome.command is not None and current is not None:
-        await _save(conn, current, outcome.command)
+        _save(conn, current, outcome.command)
     return outcome
 
 
-async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool]:
-    found = list(await conn.execute_fetchall(rows.SELECT_OBSERVER, rows.target_params(target)))
+def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool]:
+    found = list(conn.execute(rows.SELECT_OBSERVER, rows.target_params(target)))
     if not found:
         return True, Format.PLAIN, False
     observe, fmt, retained = found[0]
     return bool(observe), Format(fmt), bool(retained)
 
 
-async def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
-    found = await conn.execute_fetchall(rows.OUTSTANDING, (*rows.target_params(target), rows.to_us(now)))
+def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
+    found = conn.execute(rows.OUTSTANDING, (*rows.target_params(target), rows.to_us(now)))
     return tuple(rows.to_command(r) for r in found)

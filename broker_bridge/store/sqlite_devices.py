@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
-
-import aiosqlite
 
 from broker_bridge.devices import Device
 from broker_bridge.errors import Conflict, DeviceNotFound
 from broker_bridge.store import sqlite_rows as rows
 
-Conn = aiosqlite.Connection
+Conn = sqlite3.Connection
 
 
 class SqliteDevices:
     """Registry operations; ``SqliteStore`` provides ``_submit`` and ``_delete``."""
 
-    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]], *, writes: bool) -> Any:
+    async def _submit(self, fn: Callable[[Conn], Any], *, writes: bool) -> Any:
         raise NotImplementedError
 
     async def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
@@ -26,8 +24,8 @@ class SqliteDevices:
 
     # -- the device registry --------------------------------------------------------------------
     async def add_device(self, device: Device) -> Device:
-        async def op(conn: Conn) -> Device:
-            await _write_device(conn, rows.INSERT_DEVICE, rows.device_params(device), device)
+        def op(conn: Conn) -> Device:
+            _write_device(conn, rows.INSERT_DEVICE, rows.device_params(device), device)
             return device
 
         result: Device = await self._submit(op, writes=True)
@@ -36,8 +34,8 @@ class SqliteDevices:
     async def replace_device(self, device: Device) -> Device:
         params = rows.device_params(device)
 
-        async def op(conn: Conn) -> Device:
-            if await _write_device(conn, rows.UPDATE_DEVICE, (*params[1:], params[0]), device) != 1:
+        def op(conn: Conn) -> Device:
+            if _write_device(conn, rows.UPDATE_DEVICE, (*params[1:], params[0]), device) != 1:
                 raise DeviceNotFound(f"no device {device.device_id!r}")
             return device
 
@@ -53,8 +51,8 @@ class SqliteDevices:
     async def _one_device(self, where: str, params: tuple[Any, ...]) -> Device | None:
         sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE {where}"
 
-        async def op(conn: Conn) -> Device | None:
-            found = list(await conn.execute_fetchall(sql, params))
+        def op(conn: Conn) -> Device | None:
+            found = list(conn.execute(sql, params))
             return rows.to_device(found[0]) if found else None
 
         result: Device | None = await self._submit(op, writes=False)
@@ -63,15 +61,15 @@ class SqliteDevices:
     async def devices(self, limit: int, offset: int) -> list[Device]:
         sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT ? OFFSET ?"
 
-        async def op(conn: Conn) -> list[Device]:
-            return [rows.to_device(r) for r in await conn.execute_fetchall(sql, (limit, offset))]
+        def op(conn: Conn) -> list[Device]:
+            return [rows.to_device(r) for r in conn.execute(sql, (limit, offset))]
 
         result: list[Device] = await self._submit(op, writes=False)
         return result
 
     async def count_devices(self) -> int:
-        async def op(conn: Conn) -> int:
-            found = list(await conn.execute_fetchall("SELECT count(*) FROM devices"))
+        def op(conn: Conn) -> int:
+            found = list(conn.execute("SELECT count(*) FROM devices"))
             return int(found[0][0])
 
         result: int = await self._submit(op, writes=False)
@@ -81,9 +79,9 @@ class SqliteDevices:
         return await self._delete("DELETE FROM devices WHERE device_id = ?", (device_id,)) == 1
 
 
-async def _write_device(conn: Conn, sql: str, params: tuple[Any, ...], device: Device) -> int:
+def _write_device(conn: Conn, sql: str, params: tuple[Any, ...], device: Device) -> int:
     try:
-        cursor = await conn.execute(sql, params)
+        cursor = conn.execute(sql, params)
     except sqlite3.IntegrityError:  # the statement changed nothing
         endpoint = f"{device.app_version}/{device.endpoint_token}"
         raise Conflict(f"device {device.device_id!r} or endpoint {endpoint} is already registered") from None
