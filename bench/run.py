@@ -27,7 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import common, e2e, echo, profiling, report, storage
+from bench import common, e2e, echo, echo_gmqtt, profiling, report, storage
 from bench.common import BROKERS, ROOT, Broker, Children, mosquitto_binary
 from bench.progress import Tracker
 
@@ -114,7 +114,7 @@ def _steps(scenarios: list[str], brokers: list[Broker], scale: Scale) -> int:
     count = 0
     for name in scenarios:
         count += {
-            "echo": 2 * len(brokers),
+            "echo": 2 * len(brokers) + (2 if "mosquitto" in brokers and echo_gmqtt.available() else 0),
             "e2e": 2 * len(brokers),
             "storage": 6,
             "fanout": 2 if "mosquitto" in brokers else 0,
@@ -153,6 +153,7 @@ def _meta(args: argparse.Namespace, mode: str, scale: Scale) -> dict[str, Any]:
             "aiomqtt": version("aiomqtt"),
             "amqtt": version("amqtt"),
             "paho-mqtt": version("paho-mqtt"),
+            "gmqtt (candidate, echo only)": version("gmqtt") if echo_gmqtt.available() else None,
             "sqlite": sqlite3.sqlite_version,
             "mosquitto": mosquitto,
         },
@@ -177,6 +178,8 @@ def _plan(
             if kind == "echo":
                 windows = {scale.window: scale.echo_w64, 1: scale.echo_w1}
                 steps.append((("echo", broker), partial(echo.measure, broker=broker, windows=windows, **shared)))
+                if broker == "mosquitto" and echo_gmqtt.available():  # the candidate library, same baseline
+                    steps.append((("echo", "mosquitto-gmqtt"), partial(echo_gmqtt.measure, windows=windows, **shared)))
             else:
                 e2e_args = {
                     "endpoints": scale.e2e_endpoints,

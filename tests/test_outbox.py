@@ -1,0 +1,86 @@
+"""The outbox on its own: recovery of unacknowledged events a page at a time, and database trouble."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from broker_bridge.errors import StoreUnavailable
+from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.service import CommandService, Limits
+from broker_bridge.store.memory import MemoryStore
+from broker_bridge.topics import Target, TopicScheme
+
+REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
+
+
+async def unannounced_service(count: int) -> CommandService:
+    """A service whose store holds ``count`` commands whose events were committed but never published."""
+    service = CommandService(MemoryStore(), limits=Limits(max_outstanding_per_endpoint=count + 1))
+    for seq in range(count):
+        await service.invoke(REBOOT, {"seq": seq})  # the default announcer drops them, as a crash would
+    return service
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[int] = []
+
+    async def publish(self, publication: Publication) -> None:
+        if publication.topic.startswith("cex/events/"):
+            self.events.append(json.loads(publication.payload)["id"])
+
+
+async def test_recovery_loads_a_page_at_a_time_and_publishes_everything_once() -> None:
+    service = await unannounced_service(2500)
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    service.announcer = outbox
+    assert await outbox.recover(page=1000) == 1000
+    assert len(outbox._events) == 1000  # not the whole backlog
+    recorder = Recorder()
+    sizes: list[int] = []
+    real_load = outbox._load_recovered
+
+    async def load() -> int:
+        sizes.append(len(outbox._events))
+        return await real_load()
+
+    outbox._load_recovered = load  # type: ignore[method-assign]
+    await outbox.flush(recorder.publish)
+    assert sorted(recorder.events) == sorted(set(recorder.events))  # once each
+    assert len(recorder.events) == 2500
+    assert await service.store.unannounced(0, 10) == []
+    assert max(sizes) < 1000  # the next page was loaded only once the queue had drained below a chunk
+    assert outbox.pending == 0
+
+
+async def test_store_failure_while_publishing_loses_no_event() -> None:
+    service = await unannounced_service(10)
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    await outbox.recover(page=1000)
+    store: Any = service.store
+    real_mark = store.mark_announced
+    failures = 0
+    all_marked = asyncio.Event()
+
+    async def flaky_mark(announced: Any) -> None:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise StoreUnavailable("database error: disk I/O error")
+        await real_mark(announced)
+        if not await service.store.unannounced(0, 10):
+            all_marked.set()
+
+    store.mark_announced = flaky_mark
+    recorder = Recorder()
+    runner = asyncio.create_task(outbox.run(recorder.publish))
+    try:
+        await asyncio.wait_for(all_marked.wait(), 10)
+        assert not runner.done()  # the publishing loop survived both errors
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert failures == 2
+    assert set(recorder.events) == set(range(1, 11))  # republished after each failure: at least once
