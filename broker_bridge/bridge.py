@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -165,7 +166,7 @@ class Bridge:
 
     @staticmethod
     async def _publish(client: aiomqtt.Client, publication: Publication) -> None:
-        await client.publish(publication.topic, publication.payload, qos=1, retain=publication.retain)
+        await publish(client, publication.topic, publication.payload, qos=1, retain=publication.retain)
 
     async def _receive(self, client: aiomqtt.Client, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)  # back-pressure: stop reading when busy
@@ -258,5 +259,32 @@ class Bridge:
 
     @staticmethod
     async def _reply(client: aiomqtt.Client, topic: str, body: Any, codec: Codec, qos: int) -> None:
-        await client.publish(topic, protocol.encode(body, codec), qos=qos)
+        await publish(client, topic, protocol.encode(body, codec), qos=qos)
+
+
+async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
+    """``aiomqtt.Client.publish`` without its per-call overhead; returns once the broker acknowledged.
+
+    aiomqtt 2.5 wraps each wait in ``asyncio.wait_for`` (a task per publish on Python 3.11) and walks
+    every pending call twice per publish (``mid in self._pending_calls``, ``len(list(...))``): with
+    hundreds in flight that was 6.7% of the bridge's CPU plus a share of the loop's task churn. This
+    registers the same confirmation event aiomqtt's ``_on_publish`` sets (aiomqtt internals, as the
+    manual ack in ``_serve``), and fails the same ways: ``MqttCodeError`` when paho refuses the
+    message, ``MqttError`` after the client's timeout.
+    """
+    info = client._client.publish(topic, payload, qos, retain)
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    if qos == 0 or info.is_published():
+        return
+    confirmation = asyncio.Event()
+    client._pending_publishes[info.mid] = confirmation
+    try:
+        async with asyncio.timeout(client.timeout):
+            await confirmation.wait()
+    except TimeoutError:
+        raise aiomqtt.MqttError("Operation timed out") from None
+    finally:
+        if client._pending_publishes.get(info.mid) is confirmation:
+            del client._pending_publishes[info.mid]
 
