@@ -30,7 +30,6 @@ from bench.common import (
     Serve,
     cpu_share,
     cpu_snapshot,
-    free_port,
     mqtt_client,
     now,
     ratio,
@@ -38,6 +37,7 @@ from bench.common import (
     start_serve,
 )
 from bench.load import Phase
+from bench.ports import free_port
 from bench.progress import Tracker
 
 COMMAND_TYPE = "bench"

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import uuid
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import psutil  # type: ignore[import-untyped]
@@ -27,13 +27,13 @@ from bench.common import (
     cpu_share,
     cpu_snapshot,
     exit_on_sigterm,
-    free_port,
     mqtt_client,
     now,
     start_mosquitto,
     wait_for_port,
 )
 from bench.load import Phase
+from bench.ports import free_port
 from bench.progress import Tracker
 
 REQUEST = "bench/req"
@@ -72,6 +72,39 @@ async def serve_echo(port: int, embedded: bool) -> None:
 
 
 # -- the requester (in the harness) -------------------------------------------------------------------
+class Windowed(Protocol):
+    """A requester: sends request ``seq``; its reader completes ``phase`` when the reply arrives."""
+
+    phase: Phase | None
+
+    async def send(self, seq: int) -> None: ...
+
+
+async def run_windows(
+    label: str,
+    windows: dict[int, int],
+    requester: Windowed,
+    procs: dict[str, psutil.Process],
+    tracker: Tracker,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """One closed-loop phase per window size: ``{"window_<w>": summary with CPU}``."""
+    results: dict[str, Any] = {}
+    first = 1
+    for window, count in windows.items():
+        warmup = max(10, count // 10)
+        with tracker.step(f"echo {label} window {window}", total=count + warmup) as advance:
+            phase = Phase(first=first, count=count + warmup, window=window, warmup=warmup, progress=advance)
+            requester.phase = phase
+            before, started = cpu_snapshot(procs), now()
+            await phase.run(requester.send, timeout_s)
+            summary = phase.summary()
+            summary["cpu_cores"] = cpu_share(before, cpu_snapshot(procs), now() - started)
+            results[f"window_{window}"] = summary
+            first += count + warmup
+    return results
+
+
 class Requester:
     def __init__(self, client: aiomqtt.Client, run_id: str) -> None:
         self.client = client
@@ -109,18 +142,7 @@ async def measure(
         await client.subscribe(f"{REPLY}/{run_id}/#", qos=1)
         reader = asyncio.create_task(requester.pump())
         try:
-            first = 1
-            for window, count in windows.items():
-                warmup = max(10, count // 10)
-                with tracker.step(f"echo {broker} window {window}", total=count + warmup) as advance:
-                    phase = Phase(first=first, count=count + warmup, window=window, warmup=warmup, progress=advance)
-                    requester.phase = phase
-                    before, started = cpu_snapshot(procs), now()
-                    await phase.run(requester.send, timeout_s)
-                    summary = phase.summary()
-                    summary["cpu_cores"] = cpu_share(before, cpu_snapshot(procs), now() - started)
-                    results[f"window_{window}"] = summary
-                    first += count + warmup
+            results.update(await run_windows(broker, windows, requester, procs, tracker, timeout_s))
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

@@ -23,14 +23,11 @@ from bench.common import (
     PYTHON,
     BenchError,
     Children,
-    cpu_share,
-    cpu_snapshot,
     exit_on_sigterm,
-    now,
     start_mosquitto,
     wait_for_port,
 )
-from bench.echo import BODY, REPLY, REQUEST
+from bench.echo import BODY, REPLY, REQUEST, run_windows
 from bench.load import Phase
 from bench.progress import Tracker
 
@@ -68,6 +65,27 @@ async def serve_echo(port: int) -> None:
 
 
 # -- the requester (in the harness) -------------------------------------------------------------------
+class GmqttRequester:
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.phase: Phase | None = None
+        self.client = _client("bench-req-gmqtt")
+        self.client.on_message = self._on_message
+
+    async def connect(self, port: int) -> None:
+        await self.client.connect("127.0.0.1", port, version=MQTT_V311)
+        self.client.subscribe(f"{REPLY}/{self.run_id}/#", qos=1)
+        await asyncio.sleep(0.2)  # SUBACK; gmqtt gives no awaitable for it
+
+    def _on_message(self, _client: Any, topic: str, _payload: bytes, _qos: int, _properties: Any) -> int:
+        if self.phase is not None:
+            self.phase.complete(int(topic.rsplit("/", 1)[1]))
+        return 0  # PUBACK reason code: success
+
+    async def send(self, seq: int) -> None:
+        self.client.publish(f"{REQUEST}/{self.run_id}/{seq}", BODY % seq, qos=1)
+
+
 async def measure(children: Children, *, windows: dict[int, int], tracker: Tracker, timeout_s: float) -> dict[str, Any]:
     """Round trips/s and latency per window size, on a Mosquitto of its own."""
     if not available():
@@ -77,38 +95,13 @@ async def measure(children: Children, *, windows: dict[int, int], tracker: Track
     await echo.read_line("READY", 30.0)
     await wait_for_port(port)
     procs = {"broker": mosquitto.ps, "echo": echo.ps, "requester": psutil.Process()}
-    run_id = uuid.uuid4().hex[:8]
-    phase: Phase | None = None
-
-    def on_message(_client: Any, topic: str, _payload: bytes, _qos: int, _properties: Any) -> int:
-        if phase is not None:
-            phase.complete(int(topic.rsplit("/", 1)[1]))
-        return 0
-
-    client = _client("bench-req-gmqtt")
-    client.on_message = on_message
-    await client.connect("127.0.0.1", port, version=MQTT_V311)
-    client.subscribe(f"{REPLY}/{run_id}/#", qos=1)
-    await asyncio.sleep(0.2)
-
-    async def send(seq: int) -> None:
-        client.publish(f"{REQUEST}/{run_id}/{seq}", BODY % seq, qos=1)
-
+    requester = GmqttRequester(uuid.uuid4().hex[:8])
+    await requester.connect(port)
     results: dict[str, Any] = {"broker": "mosquitto", "library": "gmqtt"}
     try:
-        first = 1
-        for window, count in windows.items():
-            warmup = max(10, count // 10)
-            with tracker.step(f"echo mosquitto gmqtt window {window}", total=count + warmup) as advance:
-                phase = Phase(first=first, count=count + warmup, window=window, warmup=warmup, progress=advance)
-                before, started = cpu_snapshot(procs), now()
-                await phase.run(send, timeout_s)
-                summary = phase.summary()
-                summary["cpu_cores"] = cpu_share(before, cpu_snapshot(procs), now() - started)
-                results[f"window_{window}"] = summary
-                first += count + warmup
+        results.update(await run_windows("mosquitto gmqtt", windows, requester, procs, tracker, timeout_s))
     finally:
-        await client.disconnect()
+        await requester.client.disconnect()
     if not echo.alive:
         raise BenchError(f"gmqtt echo process died: {echo.tail()}")
     return results

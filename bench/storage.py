@@ -25,8 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import Children, free_port, latency_ms, ratio, rss_mb, start_serve
+from bench.common import Children, latency_ms, ratio, rss_mb, start_serve
 from bench.e2e import peak_rss_mb
+from bench.ports import free_port
 from bench.progress import Advance, Tracker
 from broker_bridge.commands import CommandState
 from broker_bridge.store import CommandQuery
@@ -248,29 +249,28 @@ async def serve_rss(children: Children, db: Path, settle_s: float, name: str) ->
     return result
 
 
-def unannounced(path: Path) -> int:
-    """How many committed changes await their event (0 for a schema without the outbox column)."""
-    conn = sqlite3.connect(path)
-    try:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(commands)")}
-        if "announced" not in columns:
-            return 0
-        return int(conn.execute("SELECT count(*) FROM commands WHERE announced = 0").fetchone()[0])
-    finally:
-        conn.close()
-
-
-def mark_announced(path: Path) -> int:
-    """Mark every change as published, as a running service would have by now (if this schema has the
-    durable event outbox, column ``announced``); returns how many rows that touched."""
+def _outbox_sql(path: Path, sql: str) -> int:
+    """Run ``sql`` (a count or an update of the ``announced`` column) if this schema has the durable
+    event outbox; returns the count or the rows touched (0 without the column)."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(commands)")}
         if "announced" not in columns:
             return 0
-        return conn.execute("UPDATE commands SET announced = 1 WHERE announced = 0").rowcount
+        cursor = conn.execute(sql)
+        return int(cursor.fetchone()[0]) if sql.startswith("SELECT") else cursor.rowcount
     finally:
         conn.close()
+
+
+def unannounced(path: Path) -> int:
+    """How many committed changes await their event."""
+    return _outbox_sql(path, "SELECT count(*) FROM commands WHERE announced = 0")
+
+
+def mark_announced(path: Path) -> int:
+    """Mark every change as published, as a running service would have by now; returns the rows touched."""
+    return _outbox_sql(path, "UPDATE commands SET announced = 1 WHERE announced = 0")
 
 
 async def measure(

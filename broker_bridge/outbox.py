@@ -84,11 +84,10 @@ class Outbox:
         if self._recover_after is None:
             return 0
         found = await self.service.store.unannounced(self._recover_after, self._recover_page)
-        if len(found) < self._recover_page:
-            self._recover_after = None  # the rest was announced already
+        # A short page was the last one: everything after it was announced already.
+        self._recover_after = found[-1].id if len(found) == self._recover_page else None
         if found:
             self._events.extend(found)
-            self._recover_after = found[-1].id if self._recover_after is not None else None
             self._wake.set()
         return len(found)
 

@@ -54,14 +54,6 @@ class _Op:
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class _BatchFailed(Exception):
-    """The batch was rolled back; ``cause`` says why (raised on the store's thread)."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class SqliteStore(SqliteDevices):
     """The default store: a single SQLite file in WAL mode."""
 
@@ -125,14 +117,13 @@ class SqliteStore(SqliteDevices):
         writes = any(op.writes for op in batch)
         try:
             results: Results = await self._on_thread(_execute, self._conn, batch, writes)
-        except _BatchFailed as failed:
-            exc = failed.cause
-            if isinstance(exc, sqlite3.Error | OSError):
-                log.error("store_batch_failed", error=str(exc), size=len(batch))
-                _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
-            else:  # a bug in one operation: the batch is lost, the writer lives on
-                log.error("store_batch_crashed", size=len(batch), exc_info=exc)
-                _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
+        except (sqlite3.Error, OSError) as exc:  # rolled back on the thread
+            log.error("store_batch_failed", error=str(exc), size=len(batch))
+            _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
+            return
+        except Exception as exc:  # a bug in one operation: the batch is lost, the writer lives on
+            log.exception("store_batch_crashed", size=len(batch))
+            _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
             return
         if writes:
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
@@ -348,11 +339,11 @@ def _execute(conn: Conn, batch: list[_Op], writes: bool) -> Results:
                 results.append((None, exc))
         if writes:
             conn.execute("COMMIT")
-    except Exception as exc:
+    except Exception:
         if writes:
             with contextlib.suppress(sqlite3.Error):  # no transaction was open
                 conn.execute("ROLLBACK")
-        raise _BatchFailed(exc) from exc
+        raise  # run_in_executor hands it to the awaiting writer
     return results
 
 
