@@ -142,7 +142,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
 # -- operator commands: the same service, on the same database, announcing through the broker -------
 async def _with_service(settings: Settings, action: Callable[[CommandService], Awaitable[Any]]) -> Any:
     async with SqliteStore(settings.db) as store:
-        service = CommandService(store, limits=settings.limits())
+        service = CommandService(store, limits=settings.limits(), retained_pushes=settings.retain)
         outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain)
         service.announcer = outbox
         result = await action(service)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from broker_bridge.commands import Command, CommandState
+from broker_bridge.store import Delivery
 from broker_bridge.topics import Target
 
 MAX_TYPES = 200  # command types get their own label up to this many; the rest count as "other"
@@ -67,7 +68,7 @@ class Metrics:
         if command.state is CommandState.EXECUTED:
             self.latency.observe((command.updated_at - command.created_at).total_seconds())
 
-    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+    def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         pass
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:

@@ -46,7 +46,8 @@ class Outbox:
         self.retain = retain
         self._events: deque[Command] = deque()
         self._expired: deque[int] = deque()  # ids whose records are fetched for their events
-        self._dirty: dict[Target, None] = {}  # an ordered set
+        # Targets to push, in order, each with its list as last committed if the change said (None: read it).
+        self._dirty: dict[Target, Delivery | None] = {}
         self._wake = asyncio.Event()  # events to publish
         self._wake_pushes = asyncio.Event()  # outstanding lists to push
         self._recover_after: int | None = None  # recovery cursor: unannounced ids above this are still to load
@@ -61,11 +62,14 @@ class Outbox:
         self._expired.extend(command_id for command_id, _ in expired)
         self._wake.set()
 
-    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+    def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         # Without retained lists a device only needs a push when something new is there for it.
         if added or self.retain:
-            self._dirty[target] = None
+            self._dirty.pop(target, None)  # to the end: pushes go out in the order of the changes
+            self._dirty[target] = delivery
             self._wake_pushes.set()
+        elif target in self._dirty:
+            self._dirty[target] = None  # not the list committed with the push's cause any more: read it
 
     async def recover(self, page: int = 1000) -> int:
         """Queue the events of changes that were committed but never acknowledged by the broker.
@@ -164,17 +168,18 @@ class Outbox:
 
     async def _flush_pushes(self, publish: Publish) -> None:
         while self._dirty:
-            chunk = list(self._dirty)[:CHUNK]
-            for target in chunk:
+            chunk = list(self._dirty.items())[:CHUNK]
+            for target, _ in chunk:
                 del self._dirty[target]
             try:
-                await asyncio.gather(*(self._push(publish, t) for t in chunk))
+                await asyncio.gather(*(self._push(publish, t, d) for t, d in chunk))
             except BaseException:
-                self.republish(chunk)
+                self.republish([t for t, _ in chunk if t not in self._dirty])  # a newer change stays as it is
                 raise
 
-    async def _push(self, publish: Publish, target: Target) -> None:
-        delivery = await self.service.delivery(target)
+    async def _push(self, publish: Publish, target: Target, committed: Delivery | None) -> None:
+        """Push the list as the change committed it, or as it is now when the change did not say."""
+        delivery = committed if committed is not None else await self.service.delivery(target)
         if self.retain:
             await self._push_retained(publish, delivery)
         elif delivery.observe and delivery.commands:

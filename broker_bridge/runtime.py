@@ -43,7 +43,9 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         stack.callback(http_socket.close)
         keys = http_server.api_keys(settings.api_keys, settings.api_key_file)
         store.on_commit = metrics.batch_size.observe
-        service = CommandService(store, limits=settings.limits(), registry_mode=settings.registry_mode)
+        service = CommandService(
+            store, limits=settings.limits(), registry_mode=settings.registry_mode, retained_pushes=settings.retain
+        )
         outbox = Outbox(service, scheme, retain=settings.retain)
         service.announcer = Announcers(outbox, metrics)
         address = settings.broker_address()

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import structlog
 
 from broker_bridge import commands
-from broker_bridge.commands import OPEN_STATES, Command, NewCommand, Report
+from broker_bridge.commands import Command, NewCommand, Report
 from broker_bridge.devices import Device, resolve
-from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, LimitExceeded
+from broker_bridge.errors import BadRequest, CommandNotFound, Conflict
 from broker_bridge.protocol import ResultItem, check_document
 from broker_bridge.registry import Registry, RegistryMode
 from broker_bridge.store import CommandQuery, CommandStore, Delivery, ReportOutcome
@@ -42,9 +42,10 @@ class Announcer(Protocol):
     def command_changed(self, command: Command) -> None:
         """A command record changed: publish its event."""
 
-    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+    def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         """A target's outstanding list changed: a command was added (or the device reappeared,
-        ``added=True``) or one left it (``added=False``). The bridge decides what to push."""
+        ``added=True``) or one left it (``added=False``). The bridge decides what to push;
+        ``delivery``, when given, is the list as the change committed it (no need to read it again)."""
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         """These commands expired; their records are fetched when their events are published."""
@@ -56,7 +57,7 @@ class NullAnnouncer:
     def command_changed(self, command: Command) -> None:
         pass
 
-    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+    def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         pass
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
@@ -73,9 +74,9 @@ class Announcers:
         for member in self.members:
             member.command_changed(command)
 
-    def outstanding_changed(self, target: Target, *, added: bool) -> None:
+    def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         for member in self.members:
-            member.outstanding_changed(target, added=added)
+            member.outstanding_changed(target, added=added, delivery=delivery)
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         for member in self.members:
@@ -103,8 +104,12 @@ class CommandService:
         limits: Limits | None = None,
         clock: Clock = utc_now,
         registry_mode: RegistryMode = RegistryMode.OPEN,
+        retained_pushes: bool = False,
     ) -> None:
+        """``retained_pushes``: the bridge retains each target's outstanding list on the broker, so
+        an invoke marks the target retained in its own transaction (before the push can happen)."""
         self.store = store
+        self.retained_pushes = retained_pushes
         self.announcer: Announcer = announcer or NullAnnouncer()
         self.limits = limits or Limits()
         self.clock = clock
@@ -132,9 +137,6 @@ class CommandService:
         device = await self.registry.admit(target.app_version, target.endpoint_token)
         resolved = resolve(device.manifest, target.command_type, payload)
         real = dataclasses.replace(target, command_type=resolved.command_type)
-        if idempotency_key is not None and (found := await self.store.find_idempotent(real, idempotency_key)):
-            return found
-        await self._check_outstanding(real)
         now = self.clock()
         new = NewCommand(
             target=real,
@@ -147,27 +149,21 @@ class CommandService:
         )
         return await self._create(new)
 
-    async def _check_outstanding(self, target: Target) -> None:
-        limit = self.limits.max_outstanding_per_endpoint
-        query = CommandQuery(app_version=target.app_version, endpoint_token=target.endpoint_token, states=OPEN_STATES)
-        if await self.store.count(query) >= limit:
-            raise LimitExceeded(
-                f"endpoint {target.endpoint_token!r} already has {limit} outstanding commands "
-                "(max_outstanding_per_endpoint); wait for results or cancel some"
-            )
-
     async def _create(self, new: NewCommand) -> Command:
+        """Idempotency, the outstanding limit and the insert in one transaction; then announce."""
+        limit = self.limits.max_outstanding_per_endpoint
         try:
-            command = await self.store.create(new)
-        except Conflict:  # the same idempotency key, concurrently
+            created = await self.store.submit(new, max_open=limit, mark_retained=self.retained_pushes)
+        except Conflict:  # the same idempotency key, concurrently (a store with several writers)
             assert new.idempotency_key is not None
             found = await self.store.find_idempotent(new.target, new.idempotency_key)
             if found is None:
                 raise
             return found
-        log.debug("command_invoked", id=command.id, target=_key(new.target))
-        self._announce(command, added=True)
-        return command
+        if created.created:
+            log.debug("command_invoked", id=created.command.id, target=_key(new.target))
+            self._announce(created.command, added=True, delivery=created.delivery)
+        return created.command
 
     def _ttl(self, ttl_s: float | None) -> float:
         if ttl_s is None:
@@ -289,11 +285,11 @@ class CommandService:
             if not waiters:
                 del self._waiters[command_id]
 
-    def _announce(self, command: Command, *, added: bool | None) -> None:
+    def _announce(self, command: Command, *, added: bool | None, delivery: Delivery | None = None) -> None:
         """Publish the event; ``added`` None: the outstanding list itself did not change."""
         self.announcer.command_changed(command)
         if added is not None:
-            self.announcer.outstanding_changed(command.target, added=added)
+            self.announcer.outstanding_changed(command.target, added=added, delivery=delivery)
         if not command.is_open:
             self._wake_waiters(command)
 

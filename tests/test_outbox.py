@@ -84,3 +84,52 @@ async def test_store_failure_while_publishing_loses_no_event() -> None:
         await asyncio.gather(runner, return_exceptions=True)
     assert failures == 2
     assert set(recorder.events) == set(range(1, 11))  # republished after each failure: at least once
+
+
+class Pushes:
+    """Records pushes (topic, decoded list, retain) and counts the store reads the outbox makes."""
+
+    def __init__(self, service: CommandService) -> None:
+        self.seen: list[tuple[str, Any, bool]] = []
+        self.reads = 0
+        store: Any = service.store
+        real_delivery = store.delivery
+
+        async def delivery(*args: Any) -> Any:
+            self.reads += 1
+            return await real_delivery(*args)
+
+        store.delivery = delivery
+
+    async def publish(self, publication: Publication) -> None:
+        if not publication.topic.startswith("cex/events/"):
+            self.seen.append((publication.topic, json.loads(publication.payload or b"null"), publication.retain))
+
+
+async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again() -> None:
+    """The invoke's transaction returned the list and marked it retained: the push is the publish alone."""
+    service = CommandService(MemoryStore(), retained_pushes=True)
+    outbox = Outbox(service, TopicScheme(), retain=True)
+    service.announcer = outbox
+    pushes = Pushes(service)
+    command = await service.invoke(REBOOT, {"seq": 1})
+    store: Any = service.store
+    store.mark_retained = None  # already marked in the invoke's transaction: calling it would fail
+    await outbox.flush(pushes.publish)
+    assert pushes.reads == 0
+    items = [{"id": command.id, "payload": {"seq": 1}}]
+    assert pushes.seen == [("kp1/app-v1/cex/dev1/command/reboot/status", items, True)]
+
+
+async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> None:
+    """Without retained pushes a result does not push, but it must not let the invoke's stale list out."""
+    service = CommandService(MemoryStore())
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    service.announcer = outbox
+    pushes = Pushes(service)
+    first = await service.invoke(REBOOT, 1)
+    second = await service.invoke(REBOOT, 2)
+    await service.cancel(first.id)  # before the outbox ran: the committed list it holds is out of date
+    await outbox.flush(pushes.publish)
+    assert pushes.reads == 1
+    assert [[item["id"] for item in items] for _, items, _ in pushes.seen] == [[second.id]]

@@ -13,7 +13,7 @@ import pytest
 
 from broker_bridge.commands import CommandState, NewCommand, Report
 from broker_bridge.devices import Device, parse_manifest
-from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, DeviceNotFound
+from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, DeviceNotFound, LimitExceeded
 from broker_bridge.store import CommandQuery, CommandStore
 from broker_bridge.store.memory import MemoryStore
 from broker_bridge.store.sqlite import SqliteStore
@@ -222,6 +222,52 @@ async def test_open_targets_and_retained_marks(store: CommandStore) -> None:
     assert await store.retained_targets() == []
 
 
+async def test_submit_creates_and_returns_the_committed_delivery(store: CommandStore) -> None:
+    """submit is create plus the target's outstanding list as committed, in one transaction."""
+    first = await store.submit(new(), max_open=10, mark_retained=False)
+    second = await store.submit(new(), max_open=10, mark_retained=False)
+    assert (first.created, second.created) == (True, True)
+    assert second.delivery is not None
+    assert [c.id for c in second.delivery.commands] == [first.command.id, second.command.id]
+    assert second.delivery.commands[-1] == second.command == await store.get(second.command.id)
+    assert (second.delivery.observe, second.delivery.format, second.delivery.retained) == (True, Format.PLAIN, False)
+    assert await store.retained_targets() == []
+
+
+async def test_submit_marks_retained_only_for_observing_devices(store: CommandStore) -> None:
+    """With mark_retained the target is marked in the same transaction, unless the device opted out."""
+    created = await store.submit(new(), max_open=10, mark_retained=True)
+    assert created.delivery is not None
+    assert created.delivery.retained is True
+    assert await store.retained_targets() == [REBOOT]
+    await store.poll(OTHER_TYPE, T0, False, Format.JSON)  # observe false: nothing is pushed, nothing retained
+    quiet = await store.submit(new(OTHER_TYPE), max_open=10, mark_retained=True)
+    assert quiet.delivery is not None
+    assert (quiet.delivery.observe, quiet.delivery.retained) == (False, False)
+    assert await store.retained_targets() == [REBOOT]
+
+
+async def test_submit_refuses_past_the_open_limit_without_writing(store: CommandStore) -> None:
+    """The limit counts open commands of the endpoint (every type); finished ones free a slot."""
+    a = await store.submit(new(REBOOT), max_open=2, mark_retained=False)
+    await store.submit(new(OTHER_TYPE), max_open=2, mark_retained=False)
+    with pytest.raises(LimitExceeded, match="max_outstanding_per_endpoint"):
+        await store.submit(new(REBOOT), max_open=2, mark_retained=False)
+    assert await store.count(CommandQuery()) == 2
+    await store.submit(new(OTHER_DEVICE), max_open=2, mark_retained=False)  # another endpoint
+    await store.report(REBOOT, [(a.command.id, report(200))])
+    assert (await store.submit(new(REBOOT), max_open=2, mark_retained=False)).created
+
+
+async def test_submit_with_a_used_idempotency_key_returns_the_earlier_command(store: CommandStore) -> None:
+    """Nothing is created, the limit is not consulted, and there is no delivery to push."""
+    keyed = dataclasses.replace(new(), idempotency_key="k1")
+    first = await store.submit(keyed, max_open=1, mark_retained=False)
+    again = await store.submit(dataclasses.replace(keyed, payload="other"), max_open=1, mark_retained=False)
+    assert (again.created, again.command, again.delivery) == (False, first.command, None)
+    assert await store.count(CommandQuery()) == 1
+
+
 async def test_concurrent_operations_keep_submission_order(store: CommandStore) -> None:
     """Progress and final result submitted back to back apply in that order."""
     cmd = await store.create(new())
@@ -251,6 +297,18 @@ async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> 
         assert len({c.id for c in created}) == 200
         assert max(sqlite_store.batch_sizes) > 1
         assert len(sqlite_store.batch_sizes) < 200
+
+
+async def test_sqlite_open_limit_holds_under_concurrent_invokes(tmp_path: Path) -> None:
+    """The limit is checked in the transaction that inserts: a burst cannot overshoot it."""
+    async with SqliteStore(tmp_path / "b.db") as sqlite_store:
+        results = await asyncio.gather(
+            *(sqlite_store.submit(new(), max_open=5, mark_retained=False) for _ in range(40)), return_exceptions=True
+        )
+        assert max(sqlite_store.batch_sizes) > 5  # they did share transactions
+        refused = [r for r in results if isinstance(r, LimitExceeded)]
+        assert (len(results) - len(refused), len(refused)) == (5, 35)
+        assert await sqlite_store.count(CommandQuery()) == 5
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Persistence behind one interface (``CommandStore``); every implementation passes one contract suite."""
 
-from broker_bridge.store.base import CommandQuery, CommandStore, Delivery, ReportOutcome
+from broker_bridge.store.base import CommandQuery, CommandStore, Created, Delivery, ReportOutcome
 
-__all__ = ["CommandQuery", "CommandStore", "Delivery", "ReportOutcome"]
+__all__ = ["CommandQuery", "CommandStore", "Created", "Delivery", "ReportOutcome"]

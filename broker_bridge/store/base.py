@@ -25,7 +25,7 @@ from broker_bridge.commands import (
     rfc3339,
 )
 from broker_bridge.devices import Device
-from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound
+from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound, LimitExceeded
 from broker_bridge.topics import Format, Target
 
 
@@ -64,6 +64,15 @@ class Delivery:
     commands: tuple[Command, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Created:
+    """What ``submit`` did, and the target's outstanding list as that transaction left it."""
+
+    command: Command
+    created: bool  # False: the idempotency key was used before; ``command`` is that earlier command
+    delivery: Delivery | None  # None when nothing was created
+
+
 class CommandStore(Protocol):
     """Durable command history. All times are timezone-aware UTC."""
 
@@ -71,6 +80,16 @@ class CommandStore(Protocol):
         """Store a new pending command and assign its service-wide unique id.
 
         Conflict if another command of the same endpoint already has the idempotency key."""
+        ...
+
+    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+        """An operator's invoke, in one transaction (one round trip to the database):
+
+        the endpoint's command with the same idempotency key if there is one (nothing is created);
+        else LimitExceeded if the endpoint already has ``max_open`` open commands; else ``create``.
+        With ``mark_retained`` (pushes are retained on the broker) a target whose device observes is
+        marked retained before the push that follows can happen. Returns the target's delivery as
+        committed, so the push needs no further read."""
         ...
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
@@ -186,6 +205,15 @@ def resolve_report(current: Command | None, target: Target, command_id: int, rep
     except CommandFinished as exc:
         return ReportOutcome(command_id=command_id, command=current, error=exc, changed=False)
     return ReportOutcome(command_id=command_id, command=updated, error=None, changed=True)
+
+
+def check_open_limit(open_count: int, max_open: int, target: Target) -> None:
+    """LimitExceeded when an endpoint already has ``max_open`` open commands."""
+    if open_count >= max_open:
+        raise LimitExceeded(
+            f"endpoint {target.endpoint_token!r} already has {max_open} outstanding commands "
+            "(max_outstanding_per_endpoint); wait for results or cancel some"
+        )
 
 
 def check_cancel(current: Command | None, command_id: int, target: Target | None) -> Command:

@@ -11,9 +11,11 @@ from broker_bridge.devices import Device
 from broker_bridge.errors import Conflict, DeviceNotFound
 from broker_bridge.store.base import (
     CommandQuery,
+    Created,
     Delivery,
     ReportOutcome,
     check_cancel,
+    check_open_limit,
     matches,
     resolve_report,
 )
@@ -51,6 +53,17 @@ class MemoryStore:
         self._next_id += 1
         self._put(command)
         return command
+
+    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+        if new.idempotency_key is not None and (found := await self.find_idempotent(new.target, new.idempotency_key)):
+            return Created(command=found, created=False, delivery=None)
+        endpoint = (new.target.app_version, new.target.endpoint_token)
+        open_count = sum(1 for c in self._commands.values() if c.is_open and _endpoint(c.target) == endpoint)
+        check_open_limit(open_count, max_open, new.target)
+        command = await self.create(new)
+        if mark_retained and self._observers.get(new.target, (True, Format.PLAIN))[0]:
+            self._retained.add(new.target)
+        return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
         found = (c for c in self._commands.values() if c.idempotency_key == key and _same_endpoint(c.target, target))
@@ -96,6 +109,9 @@ class MemoryStore:
         return self._outstanding(target, now)
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
+        return self._delivery(target, now)
+
+    def _delivery(self, target: Target, now: datetime) -> Delivery:
         observe, fmt = self._observers.get(target, (True, Format.PLAIN))
         outstanding = self._outstanding(target, now)
         retained = target in self._retained
@@ -182,5 +198,9 @@ class MemoryStore:
         return self._devices.pop(device_id, None) is not None
 
 
+def _endpoint(target: Target) -> tuple[str, str]:
+    return (target.app_version, target.endpoint_token)
+
+
 def _same_endpoint(a: Target, b: Target) -> bool:
-    return (a.app_version, a.endpoint_token) == (b.app_version, b.endpoint_token)
+    return _endpoint(a) == _endpoint(b)

@@ -30,9 +30,11 @@ from broker_bridge.errors import BridgeError, Conflict, StoreUnavailable
 from broker_bridge.store import sqlite_rows as rows
 from broker_bridge.store.base import (
     CommandQuery,
+    Created,
     Delivery,
     ReportOutcome,
     check_cancel,
+    check_open_limit,
     resolve_report,
 )
 from broker_bridge.store.sqlite_devices import SqliteDevices
@@ -134,25 +136,31 @@ class SqliteStore(SqliteDevices):
 
     # -- the contract -------------------------------------------------------------------------
     async def create(self, new: NewCommand) -> Command:
-        def op(conn: Conn) -> Command:
-            try:
-                cursor = conn.execute(rows.INSERT, rows.insert_params(new))
-            except sqlite3.IntegrityError:  # the statement changed nothing
-                raise Conflict(f"idempotency key {new.idempotency_key!r} is already used") from None
-            assert cursor.lastrowid is not None
-            return commands.create(new, cursor.lastrowid)
+        result: Command = await self._submit(lambda conn: _insert(conn, new), writes=True)
+        return result
 
-        result: Command = await self._submit(op, writes=True)
+    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+        target = new.target
+
+        def op(conn: Conn) -> Created:
+            if new.idempotency_key is not None and (found := _find_idempotent(conn, target, new.idempotency_key)):
+                return Created(command=found, created=False, delivery=None)
+            (open_count,) = conn.execute(rows.OPEN_COUNT, (target.app_version, target.endpoint_token)).fetchone()
+            check_open_limit(open_count, max_open, target)  # refused before writing anything
+            command = _insert(conn, new)
+            observe, fmt, retained = _observer(conn, target)
+            if mark_retained and observe and not retained:
+                conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), 1))
+                retained = True
+            outstanding = _outstanding(conn, target, new.created_at)
+            delivery = Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
+            return Created(command=command, created=True, delivery=delivery)
+
+        result: Created = await self._submit(op, writes=True)
         return result
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
-        params = (target.app_version, target.endpoint_token, key)
-
-        def op(conn: Conn) -> Command | None:
-            found = list(conn.execute(rows.FIND_IDEMPOTENT, params))
-            return rows.to_command(found[0]) if found else None
-
-        result: Command | None = await self._submit(op, writes=False)
+        result: Command | None = await self._submit(lambda conn: _find_idempotent(conn, target, key), writes=False)
         return result
 
     async def get(self, command_id: int) -> Command | None:
@@ -359,6 +367,20 @@ def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(value)
+
+
+def _insert(conn: Conn, new: NewCommand) -> Command:
+    try:
+        cursor = conn.execute(rows.INSERT, rows.insert_params(new))
+    except sqlite3.IntegrityError:  # the statement changed nothing
+        raise Conflict(f"idempotency key {new.idempotency_key!r} is already used") from None
+    assert cursor.lastrowid is not None
+    return commands.create(new, cursor.lastrowid)
+
+
+def _find_idempotent(conn: Conn, target: Target, key: str) -> Command | None:
+    found = conn.execute(rows.FIND_IDEMPOTENT, (target.app_version, target.endpoint_token, key)).fetchone()
+    return rows.to_command(found) if found else None
 
 
 def _fetch_one(conn: Conn, command_id: int) -> Command | None:

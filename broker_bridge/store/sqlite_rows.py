@@ -44,6 +44,9 @@ OPEN_TARGETS = (
     "SELECT DISTINCT app_version, endpoint_token, command_type FROM commands "
     "WHERE state IN ('pending', 'in_progress') AND expires_at > ?"
 )
+OPEN_COUNT = (
+    "SELECT count(*) FROM commands WHERE app_version = ? AND endpoint_token = ? AND state IN ('pending', 'in_progress')"
+)
 SELECT_OBSERVER = f"SELECT observe, format, retained FROM observers WHERE {TARGET_WHERE}"
 UPSERT_OBSERVER = (
     "INSERT INTO observers (app_version, endpoint_token, command_type, observe, format) VALUES (?, ?, ?, ?, ?) "
