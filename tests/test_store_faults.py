@@ -42,9 +42,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 async def pragma(store: SqliteStore, sql: str) -> list[tuple[Any, ...]]:
     """Run a PRAGMA on the store's own connection and thread (how the tests make the disk 'full' or read-only)."""
-    conn = store._conn
-    assert conn is not None
-    found: list[tuple[Any, ...]] = await store._on_thread(lambda: conn.execute(sql).fetchall())
+    found: list[tuple[Any, ...]] = await store._submit(lambda conn: conn.execute(sql).fetchall(), writes=False)
     return found
 
 
@@ -138,3 +136,16 @@ async def test_service_answers_503_over_mqtt_and_http_while_the_disk_is_full(tmp
             await pragma(store, "PRAGMA max_page_count = 1073741823")
             healed = await admin.request(f"cex/admin/{app_version}/dev/invoke/reboot/3", big)
             assert healed.topic.endswith("/status")
+
+
+async def test_database_from_a_newer_version_stops_start_up(tmp_path: Path) -> None:
+    """A schema newer than this program is refused at open, with the reason, instead of being used."""
+    db = tmp_path / "b.db"
+    async with SqliteStore(db):
+        pass
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer than this broker-bridge"):
+        async with SqliteStore(db):
+            pass

@@ -1,22 +1,27 @@
-"""SQLite store: one connection on one thread, one FIFO queue of operations, one commit per batch.
+"""SQLite store: one connection on its own thread, one FIFO queue of operations, one commit per batch.
 
-Every operation is queued; a single worker takes everything waiting (up to ``max_batch``) and hands
-the whole batch to the store's thread in one hop, which runs it in one ``BEGIN IMMEDIATE``
-transaction and commits once, so many concurrent requests share one fsync (group commit). Futures
-resolve only after the commit. FIFO order keeps a device's progress report ahead of its final result.
+Every operation is put on a thread-safe queue. The store's thread takes everything waiting (up to
+``max_batch``), runs it in one ``BEGIN IMMEDIATE`` transaction and commits once, so many concurrent
+requests share one fsync (group commit); while it commits, new operations queue up for the next
+batch. It then hands the results back to the event loop in one ``call_soon_threadsafe``, and the
+futures resolve only after the commit. FIFO order keeps a device's progress report ahead of its
+final result.
 
-Why not aiosqlite: it hops to its thread and back once per statement. Profiled under the benchmark's
-end-to-end load, those hops cost more of the event loop than the SQL itself cost the worker
-(bench/README.md); a batch of N operations now costs two thread switches instead of 2N + 2.
+Why not aiosqlite, nor ``run_in_executor`` per batch: aiosqlite hops to its thread and back once
+per statement; profiled under the benchmark's end-to-end load, those hops cost more of the event
+loop than the SQL itself cost the worker (bench/README.md). An executor per batch still needed a
+worker task on the loop to gather the batch and a chain of futures to bring it back: three loop
+wake-ups per batch. Now a batch costs the thread's wake-up and one loop wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -68,65 +73,85 @@ class SqliteStore(SqliteDevices):
         if synchronous not in ("full", "normal"):
             raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.synchronous = synchronous
-        self._conn: Conn | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
+        self._inbox: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()  # None: finish what is queued, stop
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
         self.batch_sizes: list[int] = []  # recent commit batch sizes, for tests
         self.on_commit: Callable[[int], None] | None = None  # told each commit's batch size (metrics)
 
     # -- life cycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        try:
-            self._conn = await self._on_thread(_open, self.path, self.busy_timeout_ms, self.synchronous)
-        except sqlite3.Error as exc:
-            self._thread.shutdown(wait=False)
-            raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from exc
-        self._worker = asyncio.create_task(self._run(), name="sqlite-writer")
+        self._loop = loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(target=self._serve, args=(opened,), name="sqlite-store", daemon=True)
+        self._thread.start()
+        await opened
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._worker is not None:
-            self._queue.put_nowait(None)  # drain what is queued, then stop
-            await asyncio.shield(self._worker)
-        if self._conn is not None:
-            await self._on_thread(self._conn.close)
-            self._conn = None
-        self._thread.shutdown(wait=False)  # idle now: its thread ends at once
+        if self._stopped is not None and not self._stopped.done():
+            self._inbox.put(None)  # what is queued runs first
+            await asyncio.shield(self._stopped)
 
-    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    # -- the worker ---------------------------------------------------------------------------
     async def _submit(self, fn: Callable[[Conn], Any], *, writes: bool) -> Any:
         op = _Op(fn=fn, writes=writes)
-        self._queue.put_nowait(op)  # before any suspension: keeps callers' order
+        self._inbox.put(op)  # before any suspension: keeps callers' order
         return await op.future
 
-    async def _run(self) -> None:
-        while (first := await self._queue.get()) is not None:
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                op = self._queue.get_nowait()
-                if op is None:
-                    self._queue.put_nowait(None)
+    # -- the store's thread ---------------------------------------------------------------------
+    def _serve(self, opened: asyncio.Future[None]) -> None:
+        try:
+            conn = _open(self.path, self.busy_timeout_ms, self.synchronous)
+        except Exception as exc:  # e.g. a schema newer than this program: raised as it is
+            error: Exception = exc
+            if isinstance(exc, sqlite3.Error):
+                error = StoreUnavailable(f"cannot open database {self.path}: {exc}")
+            self._post(_resolve, opened, None, error)
+            self._post(_resolve, self._stopped, None, None)
+            return
+        self._post(_resolve, opened, None, None)
+        try:
+            while (first := self._inbox.get()) is not None:
+                batch, stop = [first], False
+                while len(batch) < self.max_batch:
+                    try:
+                        op = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is None:
+                        stop = True
+                        break
+                    batch.append(op)
+                self._run_batch(conn, batch)
+                if stop:
                     break
-                batch.append(op)
-            await self._run_batch(batch)
+        finally:
+            conn.close()
+            self._post(_resolve, self._stopped, None, None)
 
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        assert self._conn is not None
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _run_batch(self, conn: Conn, batch: list[_Op]) -> None:
         writes = any(op.writes for op in batch)
         try:
-            results: Results = await self._on_thread(_execute, self._conn, batch, writes)
-        except (sqlite3.Error, OSError) as exc:  # rolled back on the thread
+            results: Results = _execute(conn, batch, writes)
+        except (sqlite3.Error, OSError) as exc:  # rolled back
             log.error("store_batch_failed", error=str(exc), size=len(batch))
-            _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
+            self._post(_fail_all, batch, StoreUnavailable(f"database error: {exc}"))
             return
-        except Exception as exc:  # a bug in one operation: the batch is lost, the writer lives on
+        except Exception as exc:  # a bug in one operation: the batch is lost, the store lives on
             log.exception("store_batch_crashed", size=len(batch))
-            _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
+            self._post(_fail_all, batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
             return
+        self._post(self._settle, batch, results, writes)
+
+    def _settle(self, batch: list[_Op], results: Results, writes: bool) -> None:
+        """On the loop: count the commit, resolve every future of the batch."""
         if writes:
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             if self.on_commit is not None:
@@ -351,7 +376,7 @@ def _execute(conn: Conn, batch: list[_Op], writes: bool) -> Results:
         if writes:
             with contextlib.suppress(sqlite3.Error):  # no transaction was open
                 conn.execute("ROLLBACK")
-        raise  # run_in_executor hands it to the awaiting writer
+        raise  # the batch fails as a whole
     return results
 
 
@@ -360,8 +385,8 @@ def _fail_all(batch: list[_Op], error: BaseException) -> None:
         _resolve(op.future, None, error)
 
 
-def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled
+def _resolve(future: asyncio.Future[Any] | None, value: Any, error: BaseException | None) -> None:
+    if future is None or future.done():  # the caller was cancelled
         return
     if error is not None:
         future.set_exception(error)
