@@ -212,12 +212,13 @@ async def test_open_targets_and_retained_marks(store: CommandStore) -> None:
     """Open targets are listed per endpoint; retained marks are remembered."""
     await store.create(new(REBOOT))
     await store.create(new(OTHER_TYPE))
-    await store.create(new(OTHER_DEVICE))
+    other = await store.create(new(OTHER_DEVICE))
     assert await store.open_targets(T0, "app-v1", "dev1") == [REBOOT, OTHER_TYPE]
     assert len(await store.all_open_targets(T0)) == 3
     await store.mark_retained(OTHER_DEVICE, True)
     assert await store.retained_targets() == [OTHER_DEVICE]
     assert (await store.delivery(OTHER_DEVICE, T0)).retained is True
+    await store.cancel(other.id, T0)
     await store.mark_retained(OTHER_DEVICE, False)
     assert await store.retained_targets() == []
 
@@ -245,6 +246,16 @@ async def test_submit_marks_retained_only_for_observing_devices(store: CommandSt
     assert quiet.delivery is not None
     assert (quiet.delivery.observe, quiet.delivery.retained) == (False, False)
     assert await store.retained_targets() == [REBOOT]
+
+
+async def test_a_late_clear_does_not_unmark_a_list_filled_again(store: CommandStore) -> None:
+    """The push loop publishes the emptied list, then clears the mark; an invoke in between wins."""
+    first = await store.submit(new(), max_open=10, mark_retained=True)
+    await store.report(REBOOT, [(first.command.id, report(200))])  # the list is empty: a clear is due
+    await store.submit(new(), max_open=10, mark_retained=True)  # filled again before the clear commits
+    await store.mark_retained(REBOOT, False)
+    assert await store.retained_targets() == [REBOOT]
+    assert (await store.delivery(REBOOT, T0)).retained is True
 
 
 async def test_submit_refuses_past_the_open_limit_without_writing(store: CommandStore) -> None:

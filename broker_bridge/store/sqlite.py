@@ -254,8 +254,13 @@ class SqliteStore(SqliteDevices):
         return result
 
     async def mark_retained(self, target: Target, retained: bool) -> None:
+        params = rows.target_params(target)
+
         def op(conn: Conn) -> None:
-            conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), int(retained)))
+            if retained:
+                conn.execute(rows.MARK_RETAINED, (*params, 1))
+            else:
+                conn.execute(rows.CLEAR_RETAINED, (*params, *params))
 
         await self._submit(op, writes=True)
 
