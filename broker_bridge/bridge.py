@@ -11,7 +11,7 @@ import random
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -167,8 +167,8 @@ class Bridge:
         self.outbox.republish(sorted(targets, key=lambda t: (t.app_version, t.endpoint_token, t.command_type)))
 
     @staticmethod
-    async def _publish(client: aiomqtt.Client, publication: Publication) -> None:
-        await publish(client, publication.topic, publication.payload, qos=1, retain=publication.retain)
+    def _publish(client: aiomqtt.Client, publication: Publication) -> asyncio.Future[None]:
+        return send(client, publication.topic, publication.payload, qos=1, retain=publication.retain)
 
     async def _receive(self, client: aiomqtt.Client, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)  # back-pressure: stop reading when busy
@@ -306,29 +306,56 @@ class BufferedReads:
         return rc
 
 
-async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
-    """``aiomqtt.Client.publish`` without its per-call overhead; returns once the broker acknowledged.
+def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
+    """Publish now; the future resolves once the broker acknowledged (at once for QoS 0).
 
-    aiomqtt 2.5 wraps each wait in ``asyncio.wait_for`` (a task per publish on Python 3.11) and walks
-    every pending call twice per publish (``mid in self._pending_calls``, ``len(list(...))``): with
-    hundreds in flight that was 6.7% of the bridge's CPU plus a share of the loop's task churn. This
-    registers the same confirmation event aiomqtt's ``_on_publish`` sets (aiomqtt internals, as the
-    manual ack in ``_serve``), and fails the same ways: ``MqttCodeError`` when paho refuses the
-    message, ``MqttError`` after the client's timeout.
+    Replaces ``aiomqtt.Client.publish``, which wraps each wait in ``asyncio.wait_for`` (a task per
+    publish on Python 3.11) and walks every pending call twice per publish: with hundreds in flight
+    that was 6.7% of the bridge's CPU. Here a publish costs a future and a timer, and a batch of them
+    can be awaited with ``asyncio.gather`` without a task each (the outbox's event chunks). It
+    registers what aiomqtt's ``_on_publish`` calls ``set()`` on (aiomqtt internals, as the manual ack
+    in ``Bridge._serve``), and fails the same ways: ``MqttCodeError`` when paho refuses the message,
+    ``MqttError`` after the client's timeout.
     """
     info = client._client.publish(topic, payload, qos, retain)
     if info.rc != mqtt.MQTT_ERR_SUCCESS:
         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
     if qos == 0 or info.is_published():
-        return
-    confirmation = asyncio.Event()
-    client._pending_publishes[info.mid] = confirmation
-    try:
-        async with asyncio.timeout(client.timeout):
-            await confirmation.wait()
-    except TimeoutError:
-        raise aiomqtt.MqttError("Operation timed out") from None
-    finally:
-        if client._pending_publishes.get(info.mid) is confirmation:
-            del client._pending_publishes[info.mid]
+        future.set_result(None)
+    else:
+        _Ack(loop, client, info.mid, future)
+    return future
 
+
+async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
+    """``send`` and wait for the acknowledgement."""
+    await send(client, topic, payload, qos=qos, retain=retain)
+
+
+class _Ack:
+    """One QoS 1 publish awaiting its PUBACK: resolved by aiomqtt's on_publish, or failed on timeout."""
+
+    __slots__ = ("future", "mid", "pending", "timer")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, client: aiomqtt.Client, mid: int, future: asyncio.Future[None]
+    ) -> None:
+        self.future = future
+        self.mid = mid
+        # Declared dict[int, asyncio.Event]; aiomqtt only ever calls set() on what it holds.
+        self.pending = cast("dict[int, Any]", client._pending_publishes)
+        self.pending[mid] = self
+        self.timer = loop.call_later(client.timeout, self.expire)
+
+    def set(self) -> None:  # aiomqtt has popped it from its pending publishes
+        self.timer.cancel()
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def expire(self) -> None:
+        if self.pending.get(self.mid) is self:
+            del self.pending[self.mid]
+        if not self.future.done():
+            self.future.set_exception(aiomqtt.MqttError("Operation timed out"))
