@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 
@@ -50,6 +51,8 @@ class Outbox:
         self._dirty: dict[Target, Delivery | None] = {}
         self._wake = asyncio.Event()  # events to publish
         self._wake_pushes = asyncio.Event()  # outstanding lists to push
+        self._marks: list[tuple[int, datetime]] = []  # (id, updated_at) of events the broker acknowledged
+        self._wake_marks = asyncio.Event()
         self._recover_after: int | None = None  # recovery cursor: unannounced ids above this are still to load
         self._recover_page = 1000
 
@@ -104,17 +107,20 @@ class Outbox:
     @property
     def pending(self) -> int:
         recovering = 0 if self._recover_after is None else 1  # at least one more page may be waiting
-        return len(self._events) + len(self._dirty) + len(self._expired) + recovering
+        return len(self._events) + len(self._dirty) + len(self._expired) + len(self._marks) + recovering
 
     # -- publishing ---------------------------------------------------------------------------
     async def run(self, publish: Publish) -> None:
         """Publish until cancelled; on a publish failure, requeue and re-raise.
 
         Pushes and events go out in two loops: a device's push must not wait for the broker to
-        acknowledge a batch of events (measured: it did, adding ~100 ms at full load)."""
+        acknowledge a batch of events (measured: it did, adding ~100 ms at full load). A third
+        records which events were acknowledged, so the next events need not wait for that commit
+        (measured: under full load a write waited ~15 ms in the store's queue)."""
         async with asyncio.TaskGroup() as loops:
             loops.create_task(self._loop(self._wake, self._flush_all_events, publish), name="outbox-events")
             loops.create_task(self._loop(self._wake_pushes, self._flush_pushes, publish), name="outbox-pushes")
+            loops.create_task(self._loop(self._wake_marks, self._flush_marks, publish), name="outbox-marks")
 
     @staticmethod
     async def _loop(wake: asyncio.Event, flush: Callable[[Publish], Awaitable[None]], publish: Publish) -> None:
@@ -137,9 +143,10 @@ class Outbox:
 
     async def flush(self, publish: Publish) -> None:
         """Publish everything announced so far."""
-        while self._events or self._dirty or self._expired or self._recover_after is not None:
+        while self._events or self._dirty or self._expired or self._marks or self._recover_after is not None:
             await self._flush_pushes(publish)
             await self._flush_all_events(publish)
+            await self._flush_marks(publish)
 
     async def _load_expired(self) -> None:
         """Turn expired ids into records, a page at a time (the sweep did not decode them)."""
@@ -156,10 +163,21 @@ class Outbox:
             chunk = [self._events.popleft() for _ in range(min(CHUNK, len(self._events)))]
             try:
                 await asyncio.gather(*(publish(self._event(c)) for c in chunk))
-                # Only now: a crash before this line republishes these events after the restart.
-                await self.service.store.mark_announced([(c.id, c.updated_at) for c in chunk])
             except BaseException:
                 self._events.extendleft(reversed(chunk))  # published again later: at least once
+                raise
+            # Only once acknowledged: a crash before the mark republishes these events after the restart.
+            self._marks.extend((c.id, c.updated_at) for c in chunk)
+            self._wake_marks.set()
+
+    async def _flush_marks(self, publish: Publish) -> None:
+        """Record the acknowledged events, everything gathered since the last commit at once."""
+        while self._marks:
+            marks, self._marks = self._marks, []
+            try:
+                await self.service.store.mark_announced(marks)
+            except BaseException:
+                self._marks[:0] = marks
                 raise
 
     def _event(self, command: Command) -> Publication:
