@@ -36,7 +36,7 @@ MQTT_V311 = 4
 
 def available() -> bool:
     try:
-        import gmqtt  # noqa: F401
+        import gmqtt  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return False
     return True

@@ -85,7 +85,9 @@ def _waiting(file: str, line: int) -> bool:
     return bool(IDLE_LINE.search(_source_line(file, line)))
 
 
-IDLE_LINE = re.compile(r"tx\.get\(\)|_inbox\.get\(\)|\.get\(block=True\)|_selector\.poll\(|\.wait\(|\.acquire\(|\bsleep\(")
+IDLE_LINE = re.compile(
+    r"tx\.get\(\)|_inbox\.get\(\)|\.get\(block=True\)|_selector\.poll\(|\.wait\(|\.acquire\(|\bsleep\("
+)
 
 
 def analyse(raw: Path, *, top: int = 25) -> dict[str, Any]:
