@@ -55,6 +55,9 @@ class Outbox:
         self._wake_marks = asyncio.Event()
         self._recover_after: int | None = None  # recovery cursor: unannounced ids above this are still to load
         self._recover_page = 1000
+        self._live: Publish | None = None  # while ``run`` publishes: committed lists go out at once
+        self._pushing: set[Target] = set()  # targets the push loop is reading or publishing
+        self._sent: set[asyncio.Future[None]] = set()  # pushes published at once, until acknowledged
 
     # -- Announcer ----------------------------------------------------------------------------
     def command_changed(self, command: Command) -> None:
@@ -68,11 +71,40 @@ class Outbox:
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         # Without retained lists a device only needs a push when something new is there for it.
         if added or self.retain:
+            if delivery is not None and self._push_now(target, delivery):
+                return
             self._dirty.pop(target, None)  # to the end: pushes go out in the order of the changes
             self._dirty[target] = delivery
             self._wake_pushes.set()
         elif target in self._dirty:
             self._dirty[target] = None  # not the list committed with the push's cause any more: read it
+
+    def _push_now(self, target: Target, delivery: Delivery) -> bool:
+        """Publish a list as its change committed it, before the change's own reply; False: queue it.
+
+        Only a list that needs nothing but the publish (it has commands for an observing device and,
+        with retained pushes, is marked retained already), only while ``run`` publishes, and only for
+        a target the push loop is not handling: a list it read earlier must not follow this one."""
+        publish = self._live
+        if publish is None or target in self._dirty or target in self._pushing:
+            return False
+        if not (delivery.observe and delivery.commands) or (self.retain and not delivery.retained):
+            return False
+        sent = asyncio.ensure_future(publish(self._list(delivery, retain=self.retain)))
+        self._sent.add(sent)
+        sent.add_done_callback(lambda done: self._pushed_now(target, done))
+        return True
+
+    def _pushed_now(self, target: Target, done: asyncio.Future[None]) -> None:
+        self._sent.discard(done)
+        if not done.cancelled() and done.exception() is None:
+            return
+        if not done.cancelled():
+            endpoint = f"{target.app_version}/{target.endpoint_token}"
+            log.warning("push_failed", target=endpoint, error=str(done.exception()))
+        if target not in self._dirty:  # pushed again by the loop (after a reconnect: with the new client)
+            self._dirty[target] = None
+            self._wake_pushes.set()
 
     async def recover(self, page: int = 1000) -> int:
         """Queue the events of changes that were committed but never acknowledged by the broker.
@@ -117,10 +149,14 @@ class Outbox:
         acknowledge a batch of events (measured: it did, adding ~100 ms at full load). A third
         records which events were acknowledged, so the next events need not wait for that commit
         (measured: under full load a write waited ~15 ms in the store's queue)."""
-        async with asyncio.TaskGroup() as loops:
-            loops.create_task(self._loop(self._wake, self._flush_all_events, publish), name="outbox-events")
-            loops.create_task(self._loop(self._wake_pushes, self._flush_pushes, publish), name="outbox-pushes")
-            loops.create_task(self._loop(self._wake_marks, self._flush_marks, publish), name="outbox-marks")
+        self._live = publish
+        try:
+            async with asyncio.TaskGroup() as loops:
+                loops.create_task(self._loop(self._wake, self._flush_all_events, publish), name="outbox-events")
+                loops.create_task(self._loop(self._wake_pushes, self._flush_pushes, publish), name="outbox-pushes")
+                loops.create_task(self._loop(self._wake_marks, self._flush_marks, publish), name="outbox-marks")
+        finally:
+            self._live = None
 
     @staticmethod
     async def _loop(wake: asyncio.Event, flush: Callable[[Publish], Awaitable[None]], publish: Publish) -> None:
@@ -189,11 +225,14 @@ class Outbox:
             chunk = list(self._dirty.items())[:CHUNK]
             for target, _ in chunk:
                 del self._dirty[target]
+                self._pushing.add(target)
             try:
                 await asyncio.gather(*(self._push(publish, t, d) for t, d in chunk))
             except BaseException:
                 self.republish([t for t, _ in chunk if t not in self._dirty])  # a newer change stays as it is
                 raise
+            finally:
+                self._pushing.difference_update(t for t, _ in chunk)
 
     async def _push(self, publish: Publish, target: Target, committed: Delivery | None) -> None:
         """Push the list as the change committed it, or as it is now when the change did not say."""

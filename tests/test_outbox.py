@@ -133,3 +133,60 @@ async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> Non
     await outbox.flush(pushes.publish)
     assert pushes.reads == 1
     assert [[item["id"] for item in items] for _, items, _ in pushes.seen] == [[second.id]]
+
+
+class Wire:
+    """A publish that sends at once, like bridge.send: records the topic, returns the ack future."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+        self.acks: list[asyncio.Future[None]] = []
+
+    def publish(self, publication: Publication) -> asyncio.Future[None]:
+        self.topics.append(publication.topic)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        return ack
+
+    def acknowledge_all(self) -> None:
+        for ack in self.acks:
+            if not ack.done():
+                ack.set_result(None)
+
+
+async def test_while_running_an_invoke_is_pushed_before_the_invoke_returns() -> None:
+    """The push is on the wire before the caller (the bridge) can publish the invoke's reply."""
+    service = CommandService(MemoryStore(), retained_pushes=True)
+    outbox = Outbox(service, TopicScheme(), retain=True)
+    service.announcer = outbox
+    wire = Wire()
+    runner = asyncio.create_task(outbox.run(wire.publish))
+    await asyncio.sleep(0)  # the loops are waiting
+    try:
+        await service.invoke(REBOOT, 1)
+        assert wire.topics == ["kp1/app-v1/cex/dev1/command/reboot/status"]  # no event yet: its loop runs later
+        wire.acknowledge_all()
+        await asyncio.sleep(0.01)
+        assert wire.topics[1:] == ["cex/events/app-v1/dev1/reboot/1"]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_failed_immediate_push_is_queued_again() -> None:
+    service = CommandService(MemoryStore())
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    service.announcer = outbox
+    wire = Wire()
+    runner = asyncio.create_task(outbox.run(wire.publish))
+    await asyncio.sleep(0)
+    try:
+        await service.invoke(REBOOT, 1)
+        wire.acks[0].set_exception(TimeoutError("no PUBACK"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        pushes = [t for t in wire.topics if t.startswith("kp1/")]
+        assert pushes == ["kp1/app-v1/cex/dev1/command/reboot/status"] * 2  # the loop read it and pushed again
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
