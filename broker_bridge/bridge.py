@@ -282,6 +282,7 @@ class BufferedReads:
         self._loop_read = paho.loop_read
         self._data = b""
         self._pos = 0
+        self._draining = False
         paho._sock_recv = self.recv  # type: ignore[method-assign]
         paho.loop_read = self.loop_read  # type: ignore[method-assign]
 
@@ -291,6 +292,8 @@ class BufferedReads:
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos >= len(self._data):
+            if self._draining:  # the rest of a packet cut at the buffer's end: next readable event
+                raise BlockingIOError
             data = self._recv(self.CHUNK)  # raises BlockingIOError when there is nothing; b"" at EOF
             if not data:
                 return data
@@ -300,9 +303,15 @@ class BufferedReads:
         return chunk
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """paho's, then parse what is left in the buffer without reading the socket again: under a
+        steady inflow, reading on would keep this callback from ever returning to the event loop."""
         rc = self._loop_read(max_packets)
-        while rc == mqtt.MQTT_ERR_SUCCESS and self.buffered:
-            rc = self._loop_read(max_packets)
+        self._draining = True
+        try:
+            while rc == mqtt.MQTT_ERR_SUCCESS and self.buffered:
+                rc = self._loop_read(max_packets)
+        finally:
+            self._draining = False
         return rc
 
 
@@ -314,15 +323,16 @@ def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain
     that was 6.7% of the bridge's CPU. Here a publish costs a future and a timer, and a batch of them
     can be awaited with ``asyncio.gather`` without a task each (the outbox's event chunks). It
     registers what aiomqtt's ``_on_publish`` calls ``set()`` on (aiomqtt internals, as the manual ack
-    in ``Bridge._serve``), and fails the same ways: ``MqttCodeError`` when paho refuses the message,
-    ``MqttError`` after the client's timeout.
+    in ``Bridge._serve``), and fails the same ways, through the future (never by raising, so a caller
+    that sends several or sends from a callback sees every failure in one place): ``MqttCodeError``
+    when paho refuses the message, ``MqttError`` after the client's timeout.
     """
-    info = client._client.publish(topic, payload, qos, retain)
-    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
     loop = asyncio.get_running_loop()
     future: asyncio.Future[None] = loop.create_future()
-    if qos == 0 or info.is_published():
+    info = client._client.publish(topic, payload, qos, retain)
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        future.set_exception(aiomqtt.MqttCodeError(info.rc, "Could not publish message"))
+    elif qos == 0 or info.is_published():
         future.set_result(None)
     else:
         _Ack(loop, client, info.mid, future)

@@ -47,8 +47,7 @@ class Outbox:
         self.retain = retain
         self._events: deque[Command] = deque()
         self._expired: deque[int] = deque()  # ids whose records are fetched for their events
-        # Targets to push, in order, each with its list as last committed if the change said (None: read it).
-        self._dirty: dict[Target, Delivery | None] = {}
+        self._dirty: dict[Target, None] = {}  # targets to push (their lists are read when pushed), in order
         self._wake = asyncio.Event()  # events to publish
         self._wake_pushes = asyncio.Event()  # outstanding lists to push
         self._marks: list[tuple[int, datetime]] = []  # (id, updated_at) of events the broker acknowledged
@@ -73,11 +72,10 @@ class Outbox:
         if added or self.retain:
             if delivery is not None and self._push_now(target, delivery):
                 return
-            self._dirty.pop(target, None)  # to the end: pushes go out in the order of the changes
-            self._dirty[target] = delivery
+            # A list committed earlier may be out of date by the time the loop gets to it (another
+            # process, a poll changing observe or format): queued pushes read the list afresh.
+            self._dirty[target] = None
             self._wake_pushes.set()
-        elif target in self._dirty:
-            self._dirty[target] = None  # not the list committed with the push's cause any more: read it
 
     def _push_now(self, target: Target, delivery: Delivery) -> bool:
         """Publish a list as its change committed it, before the change's own reply; False: queue it.
@@ -90,7 +88,11 @@ class Outbox:
             return False
         if not (delivery.observe and delivery.commands) or (self.retain and not delivery.retained):
             return False
-        sent = asyncio.ensure_future(publish(self._list(delivery, retain=self.retain)))
+        try:
+            sent = asyncio.ensure_future(publish(self._list(delivery, retain=self.retain)))
+        except Exception as exc:  # refused at once (no connection): the loop pushes it after the reconnect
+            log.warning("push_failed", target=_endpoint(target), error=str(exc))
+            return False
         self._sent.add(sent)
         sent.add_done_callback(lambda done: self._pushed_now(target, done))
         return True
@@ -100,8 +102,7 @@ class Outbox:
         if not done.cancelled() and done.exception() is None:
             return
         if not done.cancelled():
-            endpoint = f"{target.app_version}/{target.endpoint_token}"
-            log.warning("push_failed", target=endpoint, error=str(done.exception()))
+            log.warning("push_failed", target=_endpoint(target), error=str(done.exception()))
         if target not in self._dirty:  # pushed again by the loop (after a reconnect: with the new client)
             self._dirty[target] = None
             self._wake_pushes.set()
@@ -150,6 +151,14 @@ class Outbox:
         records which events were acknowledged, so the next events need not wait for that commit
         (measured: under full load a write waited ~15 ms in the store's queue)."""
         self._live = publish
+        # Work left by a previous connection (its loops were cancelled after clearing their wake-ups).
+        for wake, pending in (
+            (self._wake, self._events or self._expired),
+            (self._wake_pushes, self._dirty),
+            (self._wake_marks, self._marks),
+        ):
+            if pending:
+                wake.set()
         try:
             async with asyncio.TaskGroup() as loops:
                 loops.create_task(self._loop(self._wake, self._flush_all_events, publish), name="outbox-events")
@@ -180,6 +189,7 @@ class Outbox:
     async def flush(self, publish: Publish) -> None:
         """Publish everything announced so far."""
         while self._events or self._dirty or self._expired or self._marks or self._recover_after is not None:
+            await self._flush_marks(publish)  # first: what was acknowledged stays marked if publishing fails
             await self._flush_pushes(publish)
             await self._flush_all_events(publish)
             await self._flush_marks(publish)
@@ -222,21 +232,20 @@ class Outbox:
 
     async def _flush_pushes(self, publish: Publish) -> None:
         while self._dirty:
-            chunk = list(self._dirty.items())[:CHUNK]
-            for target, _ in chunk:
+            chunk = list(self._dirty)[:CHUNK]
+            for target in chunk:
                 del self._dirty[target]
                 self._pushing.add(target)
             try:
-                await asyncio.gather(*(self._push(publish, t, d) for t, d in chunk))
+                await asyncio.gather(*(self._push(publish, t) for t in chunk))
             except BaseException:
-                self.republish([t for t, _ in chunk if t not in self._dirty])  # a newer change stays as it is
+                self.republish(chunk)
                 raise
             finally:
-                self._pushing.difference_update(t for t, _ in chunk)
+                self._pushing.difference_update(chunk)
 
-    async def _push(self, publish: Publish, target: Target, committed: Delivery | None) -> None:
-        """Push the list as the change committed it, or as it is now when the change did not say."""
-        delivery = committed if committed is not None else await self.service.delivery(target)
+    async def _push(self, publish: Publish, target: Target) -> None:
+        delivery = await self.service.delivery(target)
         if self.retain:
             await self._push_retained(publish, delivery)
         elif delivery.observe and delivery.commands:
@@ -261,3 +270,7 @@ class Outbox:
 
     def _deletion(self, delivery: Delivery) -> Publication:
         return Publication(topic=self.scheme.push_topic(delivery.target, delivery.format), payload=b"", retain=True)
+
+
+def _endpoint(target: Target) -> str:
+    return f"{target.app_version}/{target.endpoint_token}"

@@ -75,3 +75,18 @@ def test_end_of_stream_is_a_lost_connection(rig: Rig) -> None:
     assert rig.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS  # what arrived before the end is handled
     assert rig.received == [("t/last", b"1")]
     assert rig.paho.loop_read() == mqtt.MQTT_ERR_CONN_LOST  # the socket stays readable at its end
+
+
+def test_the_buffer_is_parsed_to_its_end_without_reading_the_socket_again(rig: Rig) -> None:
+    """Under a steady inflow one readable event must return to the event loop: what is left over
+    after paho's own read is parsed from the buffer, and a packet cut at its end waits."""
+    rig.buffered.CHUNK = 16
+    packets = [publish_packet(f"t/{n}", b"abcdefgh") for n in range(3)]  # 15 bytes each
+    rig.broker.sendall(b"".join(packets))
+    assert rig.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert rig.received == [("t/0", b"abcdefgh")]  # the second packet's first byte was in the buffer
+    assert rig.syscalls == 1
+    while len(rig.received) < 3:  # each further readable event reads once more
+        assert rig.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert [topic for topic, _ in rig.received] == ["t/0", "t/1", "t/2"]
+    assert rig.syscalls <= 4

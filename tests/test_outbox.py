@@ -106,19 +106,64 @@ class Pushes:
             self.seen.append((publication.topic, json.loads(publication.payload or b"null"), publication.retain))
 
 
+class Wire:
+    """A publish that sends at once, like bridge.send: records the topic, returns the ack future."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+        self.sent: list[Publication] = []
+        self.acks: list[asyncio.Future[None]] = []
+
+    def publish(self, publication: Publication) -> asyncio.Future[None]:
+        self.topics.append(publication.topic)
+        self.sent.append(publication)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        return ack
+
+    def acknowledge_all(self) -> None:
+        for ack in self.acks:
+            if not ack.done():
+                ack.set_result(None)
+
+
 async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again() -> None:
     """The invoke's transaction returned the list and marked it retained: the push is the publish alone."""
     service = CommandService(MemoryStore(), retained_pushes=True)
     outbox = Outbox(service, TopicScheme(), retain=True)
     service.announcer = outbox
     pushes = Pushes(service)
-    command = await service.invoke(REBOOT, {"seq": 1})
     store: Any = service.store
     store.mark_retained = None  # already marked in the invoke's transaction: calling it would fail
+    wire = Wire()
+    runner = asyncio.create_task(outbox.run(wire.publish))
+    await asyncio.sleep(0)
+    try:
+        command = await service.invoke(REBOOT, {"seq": 1})
+        assert wire.sent[0] == Publication(
+            topic="kp1/app-v1/cex/dev1/command/reboot/status",
+            payload=json.dumps([{"id": command.id, "payload": {"seq": 1}}], separators=(",", ":")).encode(),
+            retain=True,
+        )
+        assert pushes.reads == 0
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_queued_pushes_read_the_list_afresh() -> None:
+    """Without a live connection (the CLI's one-shot flush) a list is read when it is pushed: another
+    process may have changed it since this one committed."""
+    service = CommandService(MemoryStore())
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    service.announcer = outbox
+    pushes = Pushes(service)
+    first = await service.invoke(REBOOT, 1)
+    store: Any = service.store
+    await store.cancel(first.id, first.created_at)  # as the service process would, unannounced here
     await outbox.flush(pushes.publish)
-    assert pushes.reads == 0
-    items = [{"id": command.id, "payload": {"seq": 1}}]
-    assert pushes.seen == [("kp1/app-v1/cex/dev1/command/reboot/status", items, True)]
+    assert pushes.reads == 1
+    assert pushes.seen == []  # nothing outstanding any more: no push
 
 
 async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> None:
@@ -133,25 +178,6 @@ async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> Non
     await outbox.flush(pushes.publish)
     assert pushes.reads == 1
     assert [[item["id"] for item in items] for _, items, _ in pushes.seen] == [[second.id]]
-
-
-class Wire:
-    """A publish that sends at once, like bridge.send: records the topic, returns the ack future."""
-
-    def __init__(self) -> None:
-        self.topics: list[str] = []
-        self.acks: list[asyncio.Future[None]] = []
-
-    def publish(self, publication: Publication) -> asyncio.Future[None]:
-        self.topics.append(publication.topic)
-        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.acks.append(ack)
-        return ack
-
-    def acknowledge_all(self) -> None:
-        for ack in self.acks:
-            if not ack.done():
-                ack.set_result(None)
 
 
 async def test_while_running_an_invoke_is_pushed_before_the_invoke_returns() -> None:
@@ -187,6 +213,37 @@ async def test_a_failed_immediate_push_is_queued_again() -> None:
             await asyncio.sleep(0)
         pushes = [t for t in wire.topics if t.startswith("kp1/")]
         assert pushes == ["kp1/app-v1/cex/dev1/command/reboot/status"] * 2  # the loop read it and pushed again
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_push_refused_at_once_is_queued_and_the_invoke_still_succeeds() -> None:
+    """A publish that raises (no connection) must not fail the invoke that was committed."""
+    service = CommandService(MemoryStore())
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    service.announcer = outbox
+
+    def refusing(publication: Publication) -> asyncio.Future[None]:
+        raise ConnectionError("not connected")
+
+    outbox._live = refusing  # as between a lost connection and the end of run()
+    command = await service.invoke(REBOOT, 1)
+    assert await service.get(command.id) == command
+    assert list(outbox._dirty) == [REBOOT]  # pushed by the loop once it runs again
+
+
+async def test_marks_left_by_a_previous_connection_are_committed_when_run_starts() -> None:
+    service = await unannounced_service(3)
+    outbox = Outbox(service, TopicScheme(), retain=False)
+    outbox._marks.extend((c.id, c.updated_at) for c in await service.store.unannounced(0, 10))
+    runner = asyncio.create_task(outbox.run(Wire().publish))
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+            if not outbox._marks:
+                break
+        assert await service.store.unannounced(0, 10) == []
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

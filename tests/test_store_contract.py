@@ -258,6 +258,14 @@ async def test_a_late_clear_does_not_unmark_a_list_filled_again(store: CommandSt
     assert (await store.delivery(REBOOT, T0)).retained is True
 
 
+async def test_a_clear_after_a_deletion_applies_while_commands_are_open(store: CommandStore) -> None:
+    """observe false: the list was deleted from the broker, so the mark goes although commands wait."""
+    await store.submit(new(), max_open=10, mark_retained=True)
+    await store.poll(REBOOT, T0, False, Format.PLAIN)
+    await store.mark_retained(REBOOT, False)
+    assert await store.retained_targets() == []
+
+
 async def test_submit_refuses_past_the_open_limit_without_writing(store: CommandStore) -> None:
     """The limit counts open commands of the endpoint (every type); finished ones free a slot."""
     a = await store.submit(new(REBOOT), max_open=2, mark_retained=False)
@@ -308,6 +316,17 @@ async def test_sqlite_group_commit_batches_concurrent_writes(tmp_path: Path) -> 
         assert len({c.id for c in created}) == 200
         assert max(sqlite_store.batch_sizes) > 1
         assert len(sqlite_store.batch_sizes) < 200
+
+
+async def test_sqlite_a_failing_commit_hook_does_not_leave_callers_waiting(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "b.db") as sqlite_store:
+
+        def broken(size: int) -> None:
+            raise RuntimeError("metrics are down")
+
+        sqlite_store.on_commit = broken
+        created = await asyncio.wait_for(sqlite_store.create(new()), 5)
+        assert await sqlite_store.get(created.id) == created
 
 
 async def test_sqlite_open_limit_holds_under_concurrent_invokes(tmp_path: Path) -> None:

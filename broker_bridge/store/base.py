@@ -121,8 +121,9 @@ class CommandStore(Protocol):
     async def mark_retained(self, target: Target, retained: bool) -> None:
         """Remember whether a non-empty outstanding list is retained on the broker for a target.
 
-        Clearing (after the empty list was published) leaves the mark while the target has an open
-        command: an invoke since then marked it in its own transaction and its push may be out."""
+        Clearing (after the empty list or its deletion was published) leaves the mark while the
+        target has an open command and its device observes: an invoke since then marked it in its
+        own transaction and its push may be out."""
         ...
 
     async def retained_targets(self) -> list[Target]: ...

@@ -120,7 +120,9 @@ class MemoryStore:
     async def mark_retained(self, target: Target, retained: bool) -> None:
         if retained:
             self._retained.add(target)
-        elif not any(c.target == target and c.is_open for c in self._commands.values()):
+        elif not self._observers.get(target, (True, Format.PLAIN))[0] or not any(
+            c.target == target and c.is_open for c in self._commands.values()
+        ):
             self._retained.discard(target)
 
     async def retained_targets(self) -> list[Target]:

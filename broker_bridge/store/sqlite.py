@@ -155,7 +155,10 @@ class SqliteStore(SqliteDevices):
         if writes:
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             if self.on_commit is not None:
-                self.on_commit(len(batch))
+                try:
+                    self.on_commit(len(batch))
+                except Exception:  # a metrics hook must not leave the batch's callers waiting
+                    log.exception("store_on_commit_failed")
         for op, (value, error) in zip(batch, results, strict=True):
             _resolve(op.future, value, error)
 

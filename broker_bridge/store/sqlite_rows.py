@@ -56,11 +56,12 @@ MARK_RETAINED = (
     "INSERT INTO observers (app_version, endpoint_token, command_type, retained) VALUES (?, ?, ?, ?) "
     "ON CONFLICT DO UPDATE SET retained = excluded.retained"
 )
-# Cleared only while the target has no open command: an invoke committed since the list was found
-# empty has marked it again (in its own transaction) and its push may be retained by now.
+# Cleared only while the target has no open command (an invoke committed since the list was found
+# empty has marked it again, in its own transaction, and its push may be retained by now) or while
+# the device does not observe (then the list was deleted, and no invoke marks it).
 CLEAR_RETAINED = (
-    f"UPDATE observers SET retained = 0 WHERE {TARGET_WHERE} AND NOT EXISTS (SELECT 1 FROM commands "
-    f"WHERE {TARGET_WHERE} AND state IN ('pending', 'in_progress'))"
+    f"UPDATE observers SET retained = 0 WHERE {TARGET_WHERE} AND (observe = 0 OR NOT EXISTS (SELECT 1 "
+    f"FROM commands WHERE {TARGET_WHERE} AND state IN ('pending', 'in_progress')))"
 )
 RETAINED_TARGETS = "SELECT app_version, endpoint_token, command_type FROM observers WHERE retained = 1"
 
