@@ -107,6 +107,8 @@ async def pump(client: aiomqtt.Client, admin: Admin, events: Events) -> None:
             events[record["id"]].append(record)
         elif topic.endswith(("/status", "/error")):
             admin.on_reply(topic, payload)
+        if message.qos > 0:
+            client._client.ack(message.mid, message.qos)  # only now: see admin_session
 
 
 def start_device(broker: MosquittoProcess, app_version: str, n: int) -> subprocess.Popen[bytes]:
@@ -147,10 +149,18 @@ async def check_exactly_once(serve: Serve, admin: Admin, events: Events, total: 
 
 @contextlib.asynccontextmanager
 async def admin_session(broker: MosquittoProcess, admin: Admin, events: Events) -> AsyncIterator[Admin]:
-    """The admin's persistent session: replies and events pumped into ``admin`` and ``events``."""
-    async with aiomqtt.Client(
+    """The admin's persistent session: replies and events pumped into ``admin`` and ``events``.
+
+    Messages are acknowledged once pumped (aiomqtt internals, as the bridge does): paho would
+    acknowledge on receipt, and what arrived after the pump stopped at the end of a phase was then
+    gone for good although the broker had delivered it (seen: an outage test missing an executed
+    event that the bridge had published and Mosquitto acknowledged). Unacknowledged, the broker
+    delivers it again in the next session."""
+    client = aiomqtt.Client(
         "127.0.0.1", broker.port, identifier=f"admin-{admin.av}", clean_session=False, max_inflight_messages=1000
-    ) as client:
+    )
+    client._client.manual_ack_set(True)  # before connecting: a persistent session delivers at once
+    async with client:
         admin.client = client
         await client.subscribe(f"cex/events/{admin.av}/#", qos=1)
         await client.subscribe(f"cex/admin/{admin.av}/+/invoke/reboot/+/+", qos=1)
