@@ -103,9 +103,8 @@ class Outbox:
             return
         if not done.cancelled():
             log.warning("push_failed", target=_endpoint(target), error=str(done.exception()))
-        if target not in self._dirty:  # pushed again by the loop (after a reconnect: with the new client)
-            self._dirty[target] = None
-            self._wake_pushes.set()
+        self._dirty[target] = None  # the loop pushes it again (after a reconnect: with the new client)
+        self._wake_pushes.set()
 
     async def recover(self, page: int = 1000) -> int:
         """Queue the events of changes that were committed but never acknowledged by the broker.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from broker_bridge.errors import StoreUnavailable
@@ -13,6 +15,26 @@ from broker_bridge.store.memory import MemoryStore
 from broker_bridge.topics import Target, TopicScheme
 
 REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
+
+
+def wired(*, retain: bool) -> tuple[CommandService, Outbox]:
+    """A service on the memory store announcing through an outbox, as serve wires them."""
+    service = CommandService(MemoryStore(), retained_pushes=retain)
+    outbox = Outbox(service, TopicScheme(), retain=retain)
+    service.announcer = outbox
+    return service, outbox
+
+
+@contextlib.asynccontextmanager
+async def running(outbox: Outbox, publish: Any) -> AsyncIterator[asyncio.Task[None]]:
+    """``outbox.run(publish)`` in a task, its loops waiting, cancelled on the way out."""
+    runner = asyncio.create_task(outbox.run(publish))
+    await asyncio.sleep(0)
+    try:
+        yield runner
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def unannounced_service(count: int) -> CommandService:
@@ -75,13 +97,9 @@ async def test_store_failure_while_publishing_loses_no_event() -> None:
 
     store.mark_announced = flaky_mark
     recorder = Recorder()
-    runner = asyncio.create_task(outbox.run(recorder.publish))
-    try:
+    async with running(outbox, recorder.publish) as runner:
         await asyncio.wait_for(all_marked.wait(), 10)
         assert not runner.done()  # the publishing loop survived both errors
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
     assert failures == 2
     assert set(recorder.events) == set(range(1, 11))  # republished after each failure: at least once
 
@@ -129,16 +147,12 @@ class Wire:
 
 async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again() -> None:
     """The invoke's transaction returned the list and marked it retained: the push is the publish alone."""
-    service = CommandService(MemoryStore(), retained_pushes=True)
-    outbox = Outbox(service, TopicScheme(), retain=True)
-    service.announcer = outbox
+    service, outbox = wired(retain=True)
     pushes = Pushes(service)
     store: Any = service.store
     store.mark_retained = None  # already marked in the invoke's transaction: calling it would fail
     wire = Wire()
-    runner = asyncio.create_task(outbox.run(wire.publish))
-    await asyncio.sleep(0)
-    try:
+    async with running(outbox, wire.publish):
         command = await service.invoke(REBOOT, {"seq": 1})
         assert wire.sent[0] == Publication(
             topic="kp1/app-v1/cex/dev1/command/reboot/status",
@@ -146,17 +160,12 @@ async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again(
             retain=True,
         )
         assert pushes.reads == 0
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_queued_pushes_read_the_list_afresh() -> None:
     """Without a live connection (the CLI's one-shot flush) a list is read when it is pushed: another
     process may have changed it since this one committed."""
-    service = CommandService(MemoryStore())
-    outbox = Outbox(service, TopicScheme(), retain=False)
-    service.announcer = outbox
+    service, outbox = wired(retain=False)
     pushes = Pushes(service)
     first = await service.invoke(REBOOT, 1)
     store: Any = service.store
@@ -168,9 +177,7 @@ async def test_queued_pushes_read_the_list_afresh() -> None:
 
 async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> None:
     """Without retained pushes a result does not push, but it must not let the invoke's stale list out."""
-    service = CommandService(MemoryStore())
-    outbox = Outbox(service, TopicScheme(), retain=False)
-    service.announcer = outbox
+    service, outbox = wired(retain=False)
     pushes = Pushes(service)
     first = await service.invoke(REBOOT, 1)
     second = await service.invoke(REBOOT, 2)
@@ -182,47 +189,31 @@ async def test_a_list_that_changed_again_before_its_push_is_read_afresh() -> Non
 
 async def test_while_running_an_invoke_is_pushed_before_the_invoke_returns() -> None:
     """The push is on the wire before the caller (the bridge) can publish the invoke's reply."""
-    service = CommandService(MemoryStore(), retained_pushes=True)
-    outbox = Outbox(service, TopicScheme(), retain=True)
-    service.announcer = outbox
+    service, outbox = wired(retain=True)
     wire = Wire()
-    runner = asyncio.create_task(outbox.run(wire.publish))
-    await asyncio.sleep(0)  # the loops are waiting
-    try:
+    async with running(outbox, wire.publish):
         await service.invoke(REBOOT, 1)
         assert wire.topics == ["kp1/app-v1/cex/dev1/command/reboot/status"]  # no event yet: its loop runs later
         wire.acknowledge_all()
         await asyncio.sleep(0.01)
         assert wire.topics[1:] == ["cex/events/app-v1/dev1/reboot/1"]
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_a_failed_immediate_push_is_queued_again() -> None:
-    service = CommandService(MemoryStore())
-    outbox = Outbox(service, TopicScheme(), retain=False)
-    service.announcer = outbox
+    service, outbox = wired(retain=False)
     wire = Wire()
-    runner = asyncio.create_task(outbox.run(wire.publish))
-    await asyncio.sleep(0)
-    try:
+    async with running(outbox, wire.publish):
         await service.invoke(REBOOT, 1)
         wire.acks[0].set_exception(TimeoutError("no PUBACK"))
         for _ in range(5):
             await asyncio.sleep(0)
         pushes = [t for t in wire.topics if t.startswith("kp1/")]
         assert pushes == ["kp1/app-v1/cex/dev1/command/reboot/status"] * 2  # the loop read it and pushed again
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_a_push_refused_at_once_is_queued_and_the_invoke_still_succeeds() -> None:
     """A publish that raises (no connection) must not fail the invoke that was committed."""
-    service = CommandService(MemoryStore())
-    outbox = Outbox(service, TopicScheme(), retain=False)
-    service.announcer = outbox
+    service, outbox = wired(retain=False)
 
     def refusing(publication: Publication) -> asyncio.Future[None]:
         raise ConnectionError("not connected")
@@ -237,13 +228,9 @@ async def test_marks_left_by_a_previous_connection_are_committed_when_run_starts
     service = await unannounced_service(3)
     outbox = Outbox(service, TopicScheme(), retain=False)
     outbox._marks.extend((c.id, c.updated_at) for c in await service.store.unannounced(0, 10))
-    runner = asyncio.create_task(outbox.run(Wire().publish))
-    try:
+    async with running(outbox, Wire().publish):
         for _ in range(20):
             await asyncio.sleep(0)
             if not outbox._marks:
                 break
         assert await service.store.unannounced(0, 10) == []
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)

@@ -61,7 +61,7 @@ class MemoryStore:
         open_count = sum(1 for c in self._commands.values() if c.is_open and _endpoint(c.target) == endpoint)
         check_open_limit(open_count, max_open, new.target)
         command = await self.create(new)
-        if mark_retained and self._observers.get(new.target, (True, Format.PLAIN))[0]:
+        if mark_retained and self._observes(new.target):
             self._retained.add(new.target)
         return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
 
@@ -104,12 +104,14 @@ class MemoryStore:
     async def poll(
         self, target: Target, now: datetime, observe: bool | None, fmt: Format
     ) -> tuple[Command, ...]:
-        old_observe, _ = self._observers.get(target, (True, Format.PLAIN))
-        self._observers[target] = (old_observe if observe is None else observe, fmt)
+        self._observers[target] = (self._observes(target) if observe is None else observe, fmt)
         return self._outstanding(target, now)
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         return self._delivery(target, now)
+
+    def _observes(self, target: Target) -> bool:
+        return self._observers.get(target, (True, Format.PLAIN))[0]
 
     def _delivery(self, target: Target, now: datetime) -> Delivery:
         observe, fmt = self._observers.get(target, (True, Format.PLAIN))
@@ -120,9 +122,7 @@ class MemoryStore:
     async def mark_retained(self, target: Target, retained: bool) -> None:
         if retained:
             self._retained.add(target)
-        elif not self._observers.get(target, (True, Format.PLAIN))[0] or not any(
-            c.target == target and c.is_open for c in self._commands.values()
-        ):
+        elif not self._observes(target) or not any(c.target == target and c.is_open for c in self._commands.values()):
             self._retained.discard(target)
 
     async def retained_targets(self) -> list[Target]:

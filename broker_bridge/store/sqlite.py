@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import sqlite3
 import threading
@@ -176,12 +177,10 @@ class SqliteStore(SqliteDevices):
             (open_count,) = conn.execute(rows.OPEN_COUNT, (target.app_version, target.endpoint_token)).fetchone()
             check_open_limit(open_count, max_open, target)  # refused before writing anything
             command = _insert(conn, new)
-            observe, fmt, retained = _observer(conn, target)
-            if mark_retained and observe and not retained:
+            delivery = _delivery(conn, target, new.created_at)
+            if mark_retained and delivery.observe and not delivery.retained:
                 conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), 1))
-                retained = True
-            outstanding = _outstanding(conn, target, new.created_at)
-            delivery = Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
+                delivery = dataclasses.replace(delivery, retained=True)
             return Created(command=command, created=True, delivery=delivery)
 
         result: Created = await self._submit(op, writes=True)
@@ -248,12 +247,7 @@ class SqliteStore(SqliteDevices):
         return result
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
-        def op(conn: Conn) -> Delivery:
-            observe, fmt, retained = _observer(conn, target)
-            outstanding = _outstanding(conn, target, now)
-            return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
-
-        result: Delivery = await self._submit(op, writes=False)
+        result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now), writes=False)
         return result
 
     async def mark_retained(self, target: Target, retained: bool) -> None:
@@ -442,6 +436,12 @@ def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool]:
         return True, Format.PLAIN, False
     observe, fmt, retained = found[0]
     return bool(observe), Format(fmt), bool(retained)
+
+
+def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
+    observe, fmt, retained = _observer(conn, target)
+    outstanding = _outstanding(conn, target, now)
+    return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
 
 
 def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
