@@ -15,6 +15,7 @@ from broker_bridge.commands import CommandState, NewCommand, Report
 from broker_bridge.devices import Device, parse_manifest
 from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, DeviceNotFound, LimitExceeded
 from broker_bridge.store import CommandQuery, CommandStore
+from broker_bridge.store.base import EXPIRE_WINDOW
 from broker_bridge.store.memory import MemoryStore
 from broker_bridge.store.sqlite import SqliteStore
 from broker_bridge.topics import Format, Target
@@ -156,20 +157,32 @@ async def test_cancel(store: CommandStore) -> None:
 
 
 async def test_expire_due_takes_only_due_commands_up_to_limit(store: CommandStore) -> None:
-    """The sweep expires what is due, oldest deadline first, and nothing else."""
+    """The sweep expires what is due, lowest ids first among the earliest deadlines, and nothing else."""
     due = [await store.create(new(ttl_s=s)) for s in (3, 1, 2)]
     later = await store.create(new(ttl_s=100))
     done = await store.create(new(ttl_s=1))
     await store.report(REBOOT, [(done.id, report(200, at=T0 - timedelta(seconds=1)))])
     first = await store.expire_due(T0 + timedelta(seconds=10), limit=2)
-    assert first == [(due[1].id, REBOOT), (due[2].id, REBOOT)]
+    assert first == [(due[0].id, REBOOT), (due[1].id, REBOOT)]  # all three in the window: id order
     rest = await store.expire_due(T0 + timedelta(seconds=10), limit=10)
-    assert rest == [(due[0].id, REBOOT)]
+    assert rest == [(due[2].id, REBOOT)]
     fetched = await store.get_many([due[0].id, due[1].id, due[2].id, 999])
     assert [c.id for c in fetched] == sorted(c.id for c in due)
     assert all(c.state is CommandState.EXPIRED for c in fetched)
     assert (await store.get(later.id)).state is CommandState.PENDING  # type: ignore[union-attr]
     assert (await store.get(done.id)).state is CommandState.EXECUTED  # type: ignore[union-attr]
+
+
+async def test_expire_due_backlog_goes_window_by_window_in_deadline_order(store: CommandStore) -> None:
+    """A backlog larger than the window: the latest deadline waits even though its id is the lowest."""
+    window = EXPIRE_WINDOW  # with limit=1
+    last_due = await store.create(new(ttl_s=window + 1))
+    earlier = [await store.create(new(ttl_s=s)) for s in range(window, 0, -1)]  # ids ascend, deadlines descend
+    now = T0 + timedelta(seconds=window + 5)
+    taken = [await store.expire_due(now, limit=1) for _ in range(window + 2)]
+    # The window is the `window` earliest deadlines; once one of them is expired the latest enters it.
+    order = [earlier[0], last_due, *earlier[1:]]
+    assert taken == [[(c.id, REBOOT)] for c in order] + [[]]
 
 
 async def test_purge_deletes_old_finished_only_and_ids_are_not_reused(store: CommandStore) -> None:

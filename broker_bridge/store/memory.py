@@ -10,6 +10,7 @@ from broker_bridge.commands import Command, NewCommand, Report
 from broker_bridge.devices import Device
 from broker_bridge.errors import Conflict, DeviceNotFound
 from broker_bridge.store.base import (
+    EXPIRE_WINDOW,
     CommandQuery,
     Created,
     Delivery,
@@ -141,7 +142,8 @@ class MemoryStore:
 
     async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
         due = sorted((c for c in self._commands.values() if c.is_due(now)), key=lambda c: c.expires_at)
-        expired = [commands.expire(c, now) for c in due[:limit]]
+        window = sorted(due[: limit * EXPIRE_WINDOW], key=lambda c: c.id)
+        expired = [commands.expire(c, now) for c in window[:limit]]
         for command in expired:
             self._put(command)
         return [(c.id, c.target) for c in expired]

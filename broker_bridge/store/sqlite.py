@@ -35,6 +35,7 @@ from broker_bridge.commands import Command, NewCommand, Report
 from broker_bridge.errors import BridgeError, Conflict, StoreUnavailable
 from broker_bridge.store import sqlite_rows as rows
 from broker_bridge.store.base import (
+    EXPIRE_WINDOW,
     CommandQuery,
     Created,
     Delivery,
@@ -281,12 +282,14 @@ class SqliteStore(SqliteDevices):
     async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
         sql = (
             f"UPDATE commands SET state = 'expired', updated_at = :now, announced = 0 WHERE id IN ("
-            f"SELECT id FROM commands WHERE state IN {OPEN} AND expires_at <= :now "
-            f"ORDER BY expires_at LIMIT :limit) RETURNING id, app_version, endpoint_token, command_type"
+            f"SELECT id FROM (SELECT id FROM commands WHERE state IN {OPEN} AND expires_at <= :now "
+            f"ORDER BY expires_at LIMIT :window) ORDER BY id LIMIT :limit) "
+            f"RETURNING id, app_version, endpoint_token, command_type"
         )
+        params = {"now": rows.to_us(now), "window": limit * EXPIRE_WINDOW, "limit": limit}
 
         def op(conn: Conn) -> list[tuple[int, Target]]:
-            found = conn.execute(sql, {"now": rows.to_us(now), "limit": limit})
+            found = conn.execute(sql, params)
             return [(r[0], rows.to_target(r[1:])) for r in found]
 
         result: list[tuple[int, Target]] = await self._submit(op, writes=True)
