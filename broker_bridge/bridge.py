@@ -10,8 +10,9 @@ import asyncio
 import random
 import socket
 import ssl
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -48,8 +49,68 @@ FINAL_FLUSH_S = 2.0
 PENDING_CALLS_WARN = 100_000
 
 
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A message the broker handed the bridge; ``mid`` is the MQTT packet id to acknowledge (0: none)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int = 0
+
+
+class Link(Protocol):
+    """The bridge's session with a broker: an MQTT connection (``MqttLink``), or in-process with
+    the embedded broker (``broker.InProcessLink``). Failures are ``aiomqtt.MqttError``s."""
+
+    async def subscribe(self, filters: list[str]) -> None: ...
+
+    def messages(self) -> AsyncIterator[Delivered]: ...
+
+    def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
+        """Publish; the future resolves once the broker has the message (see ``send`` below)."""
+        ...
+
+    def ack(self, message: Delivered) -> None:
+        """The message is handled (committed and answered): the broker may forget it."""
+        ...
+
+
+class MqttLink:
+    """A ``Link`` over an aiomqtt client: QoS 1 messages are acknowledged only once handled."""
+
+    def __init__(self, client: aiomqtt.Client, *, mqtt5: bool) -> None:
+        self.client = client
+        self.mqtt5 = mqtt5
+        # aiomqtt 2.5 internal: its paho client. A QoS 1 message is acknowledged only once handled
+        # (committed and answered), so the broker redelivers what a crash interrupted.
+        client._client.manual_ack_set(True)
+        BufferedReads(client._client)
+
+    async def subscribe(self, filters: list[str]) -> None:
+        # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.
+        for topic_filter in filters:
+            if self.mqtt5:
+                await self.client.subscribe(topic_filter, options=SubscribeOptions(qos=1, noLocal=True))
+            else:
+                await self.client.subscribe(topic_filter, qos=1)
+
+    async def messages(self) -> AsyncIterator[Delivered]:
+        async for message in self.client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+            yield Delivered(message.topic.value, payload, message.qos, message.mid)
+
+    def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
+        return send(self.client, topic, payload, qos=qos, retain=retain)
+
+    def ack(self, message: Delivered) -> None:
+        if message.qos > 0:
+            self.client._client.ack(message.mid, message.qos)
+
+
 class Bridge:
-    """Runs the MQTT client of the service until cancelled, reconnecting with backoff."""
+    """Runs the service's MQTT session until cancelled: over MQTT, reconnecting with backoff, or
+    in-process with the embedded broker (``local``), where there is no connection to lose."""
 
     def __init__(
         self,
@@ -65,6 +126,7 @@ class Bridge:
         on_reconnect: Callable[[], None] = lambda: None,
         on_received: Callable[[str], None] = lambda kind: None,
         mqtt5: bool = False,
+        local: Link | None = None,
     ) -> None:
         self.service = service
         self.outbox = outbox
@@ -77,6 +139,7 @@ class Bridge:
         self.on_reconnect = on_reconnect
         self.on_received = on_received
         self.mqtt5 = mqtt5
+        self.local = local
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._attempt = 0  # failed connection attempts since the last good session
@@ -114,10 +177,13 @@ class Bridge:
         }
 
     async def run(self) -> None:
+        if self.local is not None:
+            await self._serve(self.local)
+            return
         while True:
             try:
                 async with self._client() as client:
-                    await self._serve(client)
+                    await self._serve(MqttLink(client, mqtt5=self.mqtt5))
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
                 error = str(group.exceptions[0])
             self.connected.clear()
@@ -128,18 +194,12 @@ class Bridge:
             log.warning("mqtt_disconnected", error=error, attempt=self._attempt, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        # aiomqtt 2.5 internal: its paho client. A QoS 1 message is acknowledged only once handled
-        # (committed and answered), so the broker redelivers what a crash interrupted.
-        client._client.manual_ack_set(True)
-        BufferedReads(client._client)
-        # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.
-        for topic_filter in self.scheme.bridge_filters():
-            if self.mqtt5:
-                await client.subscribe(topic_filter, options=SubscribeOptions(qos=1, noLocal=True))
-            else:
-                await client.subscribe(topic_filter, qos=1)
-        log.info("mqtt_connected", host=self.address.host, port=self.address.port, client_id=self.client_id)
+    async def _serve(self, link: Link) -> None:
+        await link.subscribe(self.scheme.bridge_filters())
+        if self.local is None:
+            log.info("mqtt_connected", host=self.address.host, port=self.address.port, client_id=self.client_id)
+        else:
+            log.info("broker_attached", mode="in-process", client_id=self.client_id)
         self._attempt = 0
         await self.outbox.recover()
         if self.outbox.retain:
@@ -147,16 +207,16 @@ class Bridge:
         self.connected.set()
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.outbox.run(lambda p: self._publish(client, p)), name="mqtt-outbox")
-                await self._receive(client, tasks)
+                tasks.create_task(self.outbox.run(lambda p: self._publish(link, p)), name="mqtt-outbox")
+                await self._receive(link, tasks)
         except asyncio.CancelledError:
-            await self._final_flush(client)
+            await self._final_flush(link)
             raise
 
-    async def _final_flush(self, client: aiomqtt.Client) -> None:
+    async def _final_flush(self, link: Link) -> None:
         """On shutdown, publish what is committed but not yet announced, for a bounded time."""
         try:
-            await asyncio.wait_for(self.outbox.flush(lambda p: self._publish(client, p)), FINAL_FLUSH_S)
+            await asyncio.wait_for(self.outbox.flush(lambda p: self._publish(link, p)), FINAL_FLUSH_S)
         except (TimeoutError, aiomqtt.MqttError) as exc:
             log.warning("shutdown_flush_incomplete", pending=self.outbox.pending, error=str(exc) or "timeout")
 
@@ -167,40 +227,38 @@ class Bridge:
         self.outbox.republish(sorted(targets, key=lambda t: (t.app_version, t.endpoint_token, t.command_type)))
 
     @staticmethod
-    def _publish(client: aiomqtt.Client, publication: Publication) -> asyncio.Future[None]:
-        return send(client, publication.topic, publication.payload, qos=1, retain=publication.retain)
+    def _publish(link: Link, publication: Publication) -> asyncio.Future[None]:
+        return link.send(publication.topic, publication.payload, qos=1, retain=publication.retain)
 
-    async def _receive(self, client: aiomqtt.Client, tasks: asyncio.TaskGroup) -> None:
+    async def _receive(self, link: Link, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)  # back-pressure: stop reading when busy
-        async for message in client.messages:
+        async for message in link.messages():
             await slots.acquire()
-            task = tasks.create_task(self._handle(client, message))
+            task = tasks.create_task(self._handle(link, message))
             task.add_done_callback(lambda _: slots.release())
 
     # -- dispatch -----------------------------------------------------------------------------
-    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+    async def _handle(self, link: Link, message: Delivered) -> None:
+        topic = message.topic
         try:
-            await self._dispatch(client, topic, payload, message.qos)
+            await self._dispatch(link, topic, message.payload, message.qos)
         except TopicError as exc:
             log.info("request_refused", topic=topic, reason=exc.reason)
             if exc.reply_topic is not None:
-                await self._reply_error(client, exc.reply_topic, exc, exc.codec, message.qos)
+                await self._reply_error(link, exc.reply_topic, exc, exc.codec, message.qos)
         except aiomqtt.MqttError as exc:
             log.warning("reply_not_sent", topic=topic, error=str(exc))
         except Exception:  # a bug must cost one message, never the loop
             log.exception("message_handler_failed", topic=topic)
-        if message.qos > 0:
-            client._client.ack(message.mid, message.qos)
+        link.ack(message)
 
-    async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+    async def _dispatch(self, link: Link, topic: str, payload: bytes, qos: int) -> None:
         if (device := self.scheme.parse_device(topic)) is not None:
             self.on_received("device")
-            await self._device(client, device, payload, qos)
+            await self._device(link, device, payload, qos)
         elif (admin := self.scheme.parse_admin(topic)) is not None:
             self.on_received("admin")
-            await self._admin(client, admin, payload, qos)
+            await self._admin(link, admin, payload, qos)
         else:
             self.on_received("ignored")  # replies (our own, without MQTT 5 no-local) and foreign topics
 
@@ -208,31 +266,31 @@ class Bridge:
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLarge(f"body of {len(payload)} bytes exceeds the limit of {self.max_payload_bytes}")
 
-    async def _device(self, client: aiomqtt.Client, req: DeviceRequest, payload: bytes, qos: int) -> None:
+    async def _device(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
         codec = req.format.codec
         try:
             self._check_size(payload)
             if req.resource is Resource.COMMAND:
-                await self._poll(client, req, payload, qos)
+                await self._poll(link, req, payload, qos)
             else:
-                await self._results(client, req, payload, qos)
+                await self._results(link, req, payload, qos)
         except BridgeError as exc:
             self._log_refusal(req.topic, exc)
             if req.request_id is not None:
-                await self._reply_error(client, error_topic(req.topic), exc, codec, qos)
+                await self._reply_error(link, error_topic(req.topic), exc, codec, qos)
 
-    async def _poll(self, client: aiomqtt.Client, req: DeviceRequest, payload: bytes, qos: int) -> None:
+    async def _poll(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
         items = await cep.poll(self.service, req.target, req.format, payload)
         # Also without a request ID: KP1 devices poll on connect and read the answer like a push.
-        await self._reply(client, status_topic(req.topic), items, req.format.codec, qos)
+        await self._reply(link, status_topic(req.topic), items, req.format.codec, qos)
 
-    async def _results(self, client: aiomqtt.Client, req: DeviceRequest, payload: bytes, qos: int) -> None:
+    async def _results(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
         reply = await cep.results(self.service, req.target, req.format, payload)
         if req.request_id is not None:
             topic = status_topic(req.topic) if reply["statusCode"] == 200 else error_topic(req.topic)
-            await self._reply(client, topic, reply, req.format.codec, qos)
+            await self._reply(link, topic, reply, req.format.codec, qos)
 
-    async def _admin(self, client: aiomqtt.Client, req: AdminRequest, payload: bytes, qos: int) -> None:
+    async def _admin(self, link: Link, req: AdminRequest, payload: bytes, qos: int) -> None:
         try:
             self._check_size(payload)
             if req.action is AdminAction.INVOKE:
@@ -246,22 +304,22 @@ class Bridge:
         except BridgeError as exc:
             self._log_refusal(req.topic, exc)
             if req.request_id is not None:
-                await self._reply_error(client, error_topic(req.topic), exc, Codec.JSON, qos)
+                await self._reply_error(link, error_topic(req.topic), exc, Codec.JSON, qos)
             return
         if req.request_id is not None:
-            await self._reply(client, status_topic(req.topic), to_record(command), Codec.JSON, qos)
+            await self._reply(link, status_topic(req.topic), to_record(command), Codec.JSON, qos)
 
     @staticmethod
     def _log_refusal(topic: str, exc: BridgeError) -> None:
         event = "store_unavailable" if isinstance(exc, StoreUnavailable) else "request_refused"
         log.info(event, topic=topic, status=exc.status_code, reason=exc.reason)
 
-    async def _reply_error(self, client: aiomqtt.Client, topic: str, exc: BridgeError, codec: Codec, qos: int) -> None:
-        await self._reply(client, topic, protocol.error_body(exc.status_code, exc.reason), codec, qos)
+    async def _reply_error(self, link: Link, topic: str, exc: BridgeError, codec: Codec, qos: int) -> None:
+        await self._reply(link, topic, protocol.error_body(exc.status_code, exc.reason), codec, qos)
 
     @staticmethod
-    async def _reply(client: aiomqtt.Client, topic: str, body: Any, codec: Codec, qos: int) -> None:
-        await publish(client, topic, protocol.encode(body, codec), qos=qos)
+    async def _reply(link: Link, topic: str, body: Any, codec: Codec, qos: int) -> None:
+        await link.send(topic, protocol.encode(body, codec), qos=qos)
 
 
 class BufferedReads:
@@ -337,11 +395,6 @@ def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain
     else:
         _Ack(loop, client, info.mid, future)
     return future
-
-
-async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
-    """``send`` and wait for the acknowledgement."""
-    await send(client, topic, payload, qos=qos, retain=retain)
 
 
 class _Ack:

@@ -437,6 +437,26 @@ class AccessControl:
             self._admitted.pop(peer, None)
 
 
+async def screen_reserved(
+    client_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> ReaderAdapter | None:
+    """Without logins, still keep one client id for the in-process bridge: amqtt would otherwise let a
+    connection with that id replace or take over its session. A reader replaying the CONNECT, or None."""
+    source = _ReplayReader(reader)
+    try:
+        connect = await ConnectPacket.from_stream(source)
+    except Exception as exc:  # garbage instead of a CONNECT: amqtt would drop the connection too
+        _log.info("mqtt connection dropped: no valid CONNECT (%r)", exc)
+        return None
+    if connect.client_id == client_id:
+        _log.info("mqtt connection refused: client id %r is the bridge's own", client_id)
+        writer.write(_CONNACK_REFUSED)
+        await writer.drain()
+        return None
+    source.rewind()
+    return source
+
+
 def _peer(writer: asyncio.StreamWriter) -> _Peer | None:
     # The same (address, port) amqtt's StreamWriterAdapter.get_peer_info gives its Session.
     info = writer.get_extra_info("peername")

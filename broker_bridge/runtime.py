@@ -16,7 +16,7 @@ import structlog
 from broker_bridge import http_server
 from broker_bridge.api import create_app
 from broker_bridge.bridge import Bridge
-from broker_bridge.broker import EmbeddedBroker
+from broker_bridge.broker import EmbeddedBroker, InProcessLink
 from broker_bridge.config import Settings, parse_listen
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.metrics import Metrics
@@ -49,10 +49,12 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         outbox = Outbox(service, scheme, retain=settings.retain)
         service.announcer = Announcers(outbox, metrics)
         address = settings.broker_address()
+        local: InProcessLink | None = None
         if settings.embedded:
-            # The bridge logs in to its own broker with a secret that lives only in this process.
+            # The bridge's session is in-process; its client id stays reserved behind a secret that
+            # lives only in this process, so no login can take it.
             address = dataclasses.replace(address, username=settings.client_id, password=secrets.token_urlsafe(24))
-            await stack.enter_async_context(
+            embedded = await stack.enter_async_context(
                 EmbeddedBroker(
                     host=address.host,
                     port=address.port,
@@ -63,8 +65,10 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
                     extension=scheme.extension,
                     password_file=settings.mqtt_password_file,
                     acl_file=settings.mqtt_acl_file,
+                    in_process_bridge=True,
                 )
             )
+            local = embedded.link
         bridge = Bridge(
             service,
             outbox,
@@ -76,6 +80,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             max_payload_bytes=settings.max_payload_bytes,
             on_reconnect=metrics.reconnects.inc,
             on_received=metrics.count_received,
+            local=local,
         )
         app = create_app(
             service,

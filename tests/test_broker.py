@@ -7,8 +7,8 @@ import contextlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sized
+from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_bridge.broker import EmbeddedBroker
+from broker_bridge.bridge import Delivered
+from broker_bridge.broker import EmbeddedBroker, InProcessLink, LinkClosed
 from broker_bridge.broker_auth import GuardedBroker
 from broker_bridge.errors import StartupError
 
@@ -110,11 +111,22 @@ def seen() -> Seen:
     return Seen()
 
 
+@pytest.fixture(params=["tcp", "in-process"])
+def bridge_mode(request: pytest.FixtureRequest) -> str:
+    """How the bridge reaches the broker: as a TCP client, or through the broker's in-process link."""
+    mode: str = request.param
+    return mode
+
+
 @pytest.fixture
-async def broker(port: int, seen: Seen) -> AsyncIterator[EmbeddedBroker]:
+async def broker(port: int, seen: Seen, bridge_mode: str) -> AsyncIterator[EmbeddedBroker]:
     """A running embedded broker on a free port."""
     async with EmbeddedBroker(
-        host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=seen
+        host="127.0.0.1",
+        port=port,
+        bridge_client_id=BRIDGE_ID,
+        on_endpoint_seen=seen,
+        in_process_bridge=bridge_mode == "in-process",
     ) as running:
         yield running
 
@@ -135,15 +147,39 @@ async def device(broker: EmbeddedBroker, port: int) -> AsyncIterator[Callable[[s
         one.client.loop_stop()
 
 
+class Publisher(Protocol):
+    @property
+    def messages(self) -> Sized: ...
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int) -> None: ...
+
+
+class LinkPublisher:
+    """The in-process link behind the aiomqtt publish call the tests make."""
+
+    def __init__(self, link: InProcessLink) -> None:
+        self.link = link
+
+    @property
+    def messages(self) -> Sized:
+        return range(self.link.queued)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int) -> None:
+        await self.link.send(topic, payload, qos=qos)
+
+
 @pytest.fixture
-async def bridge(broker: EmbeddedBroker, port: int) -> AsyncIterator[aiomqtt.Client]:
-    """An aiomqtt client using the bridge's client id."""
+async def bridge(broker: EmbeddedBroker, port: int, bridge_mode: str) -> AsyncIterator[Publisher]:
+    """The bridge's publishing side: an aiomqtt client using the bridge's client id, or the link."""
+    if bridge_mode == "in-process":
+        yield LinkPublisher(broker.link)
+        return
     async with aiomqtt.Client("127.0.0.1", port, identifier=BRIDGE_ID) as client:
         yield client
 
 
 async def test_unsubscribed_device_gets_reply(
-    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+    device: Callable[[str], Awaitable[Device]], bridge: Publisher, seen: Seen, app_version: str
 ) -> None:
     """A device that never subscribes is announced once and still receives its status reply."""
     endpoint = token()
@@ -158,7 +194,7 @@ async def test_unsubscribed_device_gets_reply(
 
 
 async def test_subscribed_device_gets_one_copy(
-    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+    device: Callable[[str], Awaitable[Device]], bridge: Publisher, seen: Seen, app_version: str
 ) -> None:
     """A device subscribed to its status topic receives each reply exactly once."""
     endpoint = token()
@@ -173,7 +209,7 @@ async def test_subscribed_device_gets_one_copy(
 
 
 async def test_replies_reach_only_their_endpoint(
-    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+    device: Callable[[str], Awaitable[Device]], bridge: Publisher, seen: Seen, app_version: str
 ) -> None:
     """A reply reaches only its endpoint's devices; the bridge's own publishes associate nothing."""
     mine, other, stray = token(), token(), token()
@@ -196,7 +232,7 @@ async def test_replies_reach_only_their_endpoint(
 
 
 async def test_reconnect_announces_again(
-    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+    device: Callable[[str], Awaitable[Device]], bridge: Publisher, seen: Seen, app_version: str
 ) -> None:
     """A device that reconnects is announced again and receives replies on its new connection."""
     endpoint = token()
@@ -213,7 +249,7 @@ async def test_reconnect_announces_again(
 
 
 async def test_takeover_keeps_new_connection(
-    device: Callable[[str], Awaitable[Device]], bridge: aiomqtt.Client, seen: Seen, app_version: str
+    device: Callable[[str], Awaitable[Device]], bridge: Publisher, seen: Seen, app_version: str
 ) -> None:
     """A new connection under a client id still in use is announced, and the old one leaving keeps it."""
     endpoint = token()
@@ -291,6 +327,83 @@ async def test_shutdown_with_clients_connected(port: int, app_version: str) -> N
         half_open.close()
         for dev in devices:
             dev.client.loop_stop()
+
+
+@pytest.fixture
+async def linked(port: int, seen: Seen) -> AsyncIterator[InProcessLink]:
+    """The in-process link of a running embedded broker, subscribed as the bridge subscribes."""
+    async with EmbeddedBroker(
+        host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=seen, in_process_bridge=True
+    ) as running:
+        await running.link.subscribe(["kp1/+/cex/+/command/#", "kp1/+/cex/+/result/#"])
+        yield running.link
+
+
+async def next_message(messages: AsyncIterator[Delivered]) -> Delivered:
+    return await asyncio.wait_for(anext(messages), TIMEOUT)
+
+
+async def test_link_receives_in_publish_order(linked: InProcessLink, port: int, app_version: str) -> None:
+    """Every QoS 1 message a device sends reaches the link, in order; the link's own replies do not."""
+    endpoint = token()
+    messages = linked.messages()
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-order") as dev:
+        for n in range(200):
+            await dev.publish(f"kp1/{app_version}/cex/{endpoint}/result/reboot/{n}", str(n).encode(), qos=1)
+    got = [await next_message(messages) for _ in range(200)]
+    assert [m.payload for m in got] == [str(n).encode() for n in range(200)]
+    assert {(m.topic.rsplit("/", 1)[0], m.qos) for m in got} == {(f"kp1/{app_version}/cex/{endpoint}/result/reboot", 1)}
+    await linked.send(status_topic(app_version, endpoint), PAYLOAD, qos=1)  # matches command/#: a reply
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-after") as dev:
+        await dev.publish(f"kp1/{app_version}/cex/{endpoint}/command/reboot", b"{}", qos=1)
+    assert (await next_message(messages)).topic == f"kp1/{app_version}/cex/{endpoint}/command/reboot"
+    assert linked.queued == 0
+
+
+async def test_link_retains_and_clears(linked: InProcessLink, port: int, app_version: str) -> None:
+    """A retained publish through the link is kept for later subscribers; an empty one removes it."""
+    topic = status_topic(app_version, token())
+    await linked.send(topic, PAYLOAD, qos=1, retain=True)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="late-1") as late:
+        await late.subscribe(topic, qos=1)
+        message = await asyncio.wait_for(anext(late.messages), TIMEOUT)
+        assert (message.payload, message.retain) == (PAYLOAD, True)
+    await linked.send(topic, b"", qos=1, retain=True)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="late-2") as late:
+        await late.subscribe(topic, qos=1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(late.messages), QUIET)
+
+
+@pytest.mark.parametrize("clean_session", [True, False])
+async def test_link_client_id_is_reserved(
+    linked: InProcessLink, port: int, app_version: str, clean_session: bool
+) -> None:
+    """No connection can take the link's client id, which would replace or take over its session."""
+    with pytest.raises(aiomqtt.MqttError, match=r"[Nn]ot authori[sz]ed"):
+        async with aiomqtt.Client("127.0.0.1", port, identifier=BRIDGE_ID, clean_session=clean_session):
+            pass
+    messages = linked.messages()
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-still") as dev:
+        await dev.publish(f"kp1/{app_version}/cex/{token()}/command/reboot", b"{}", qos=1)
+    assert (await next_message(messages)).payload == b"{}"
+
+
+async def test_link_close_fails_what_is_not_routed(port: int, seen: Seen, app_version: str) -> None:
+    """Closing the link fails queued and later publishes and ends its messages, instead of hanging."""
+    async with EmbeddedBroker(
+        host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=seen, in_process_bridge=True
+    ) as running:
+        link = running.link
+        messages = link.messages()
+        queued = link.send(status_topic(app_version, token()), PAYLOAD, qos=1)  # the link's task has not run yet
+        await link.close()
+        with pytest.raises(LinkClosed):
+            await queued
+        with pytest.raises(LinkClosed):
+            await link.send(status_topic(app_version, token()), PAYLOAD, qos=1)
+        with pytest.raises(LinkClosed):
+            await next_message(messages)
 
 
 _LEVELS = st.sampled_from(["", "a", "b", "ab", "$SYS", "kp1", "+", "#", "a+", "b#"])
