@@ -40,6 +40,7 @@ from broker_bridge.broker_auth import (
     screen_reserved,
 )
 from broker_bridge.errors import StartupError
+from broker_bridge.routing import Subscriptions
 
 EndpointSeen = Callable[[str, str], Awaitable[None]]  # (app_version, endpoint_token)
 _Endpoint = tuple[str, str]
@@ -50,17 +51,6 @@ _REPLY_LEVELS = ("status", "error")
 _MIN_LEVELS = 5  # prefix/av/extension/token/<resource>
 _QOS_1 = 1
 _LISTENER = "default"  # amqtt requires a listener of this name
-
-
-def _matches(levels: list[str], topic_filter: str) -> bool:
-    """MQTT filter matching; only KP1 topics reach it, so the $-topic rules do not apply."""
-    wanted = topic_filter.split("/")
-    for index, level in enumerate(wanted):
-        if level == "#":
-            return True
-        if index >= len(levels) or level not in ("+", levels[index]):
-            return False
-    return len(wanted) == len(levels)
 
 
 @dataclass
@@ -89,6 +79,7 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         super().__init__(context)
         self._settings: _Kp1DeliveryPlugin.Config = context.config
         self._links: dict[str, _Link] = {}
+        self._by_endpoint: dict[_Endpoint, set[str]] = {}  # endpoint -> client ids whose link delivers it
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -112,7 +103,7 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         link = self._links.get(client_id)
         # A half-open connection replaced by a reconnect disconnects late; keep the new one's links.
         if link is not None and link.session is client_session:
-            del self._links[client_id]
+            self._forget(client_id)
 
     async def on_broker_pre_shutdown(self) -> None:
         await self.close()
@@ -120,6 +111,7 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
     async def close(self) -> None:
         self._closing = True
         self._links.clear()
+        self._by_endpoint.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,12 +135,22 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
             return
         link = self._links.get(client_id)
         if link is None or link.handler is not connection[1]:
+            self._forget(client_id)
             link = self._links[client_id] = _Link(*connection)
-        if deliver:
+        if deliver and endpoint not in link.endpoints:
             link.endpoints.add(endpoint)
+            self._by_endpoint.setdefault(endpoint, set()).add(client_id)
         if endpoint not in link.announced:
             link.announced.add(endpoint)
             self._spawn(self._notify(endpoint))
+
+    def _forget(self, client_id: str) -> None:
+        link = self._links.pop(client_id, None)
+        for endpoint in link.endpoints if link is not None else ():
+            delivered_to = self._by_endpoint[endpoint]
+            delivered_to.discard(client_id)
+            if not delivered_to:
+                del self._by_endpoint[endpoint]
 
     def _connection(self, client_id: str) -> tuple[Any, Any] | None:
         # amqtt 0.12.1 internal: BrokerContext lists sessions but not their protocol handlers, and only
@@ -157,9 +159,9 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         return found
 
     def _deliver_reply(self, levels: list[str], topic: str, data: bytes) -> None:
-        endpoint = (levels[1], levels[3])
-        for client_id, link in list(self._links.items()):
-            if endpoint in link.endpoints and not self._subscribed(client_id, levels) and self._may_read(link, topic):
+        for client_id in list(self._by_endpoint.get((levels[1], levels[3]), ())):
+            link = self._links[client_id]
+            if not self._subscribed(client_id, topic) and self._may_read(link, topic):
                 self._spawn(self._send(link.handler, topic, data))
 
     def _may_read(self, link: _Link, topic: str) -> bool:
@@ -168,11 +170,12 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         access: AccessControl | None = self._settings.access
         return access is None or access.permits(principal_of(link.session), Access.RECEIVE, topic)
 
-    def _subscribed(self, client_id: str, levels: list[str]) -> bool:
-        subscriptions: dict[str, list[tuple[Any, int]]] = self.context.subscriptions
+    def _subscribed(self, client_id: str, topic: str) -> bool:
+        subscriptions: Subscriptions = self.context.subscriptions  # GuardedBroker's indexed table
         return any(
-            _matches(levels, topic_filter) and any(s.client_id == client_id for s, _ in sessions)
-            for topic_filter, sessions in subscriptions.items()
+            held.client_id == client_id
+            for topic_filter in subscriptions.matching(topic)
+            for held, _ in subscriptions.get(topic_filter, ())
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

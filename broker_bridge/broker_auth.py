@@ -47,6 +47,7 @@ import hmac
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from broker_bridge.errors import StartupError
+from broker_bridge.routing import Subscriptions
 
 _log = logging.getLogger(__name__)
 
@@ -545,6 +547,32 @@ def _literal_head(topic_filter: str) -> str:
 
 class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's Broker with two leaks closed (amqtt 0.12.1 internals, overridden whole) and faster routing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = Subscriptions()  # the same table, indexed by filter (routing.py)
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        # amqtt's, with the matching filters looked up in the index instead of testing every filter
+        # (O(subscriptions) per message: 9% of the embedded service's CPU with 100 devices).
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter in self._subscriptions.matching(topic):
+            for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    self.logger.info(f"{target_session.client_id} not allowed to receive messages from TOPIC {topic}.")
+                    continue
+                connected = target_session.transitions.state == "connected"
+                if not connected:
+                    # amqtt's rule: queue for a persistent, non-anonymous session at QoS 1 or 2 [MQTT 3.1.2.4]
+                    if not target_session.clean_session and qos in (1, 2) and not target_session.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    send = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    running_tasks.append(asyncio.ensure_future(send))
 
     def _matches(self, topic: str, a_filter: str) -> bool:
         # amqtt routes every message by testing it against every subscription filter (10% of the
