@@ -177,13 +177,13 @@ class Bridge:
         }
 
     async def run(self) -> None:
-        if self.local is not None:
-            await self._serve(self.local)
-            return
         while True:
             try:
-                async with self._client() as client:
-                    await self._serve(MqttLink(client, mqtt5=self.mqtt5))
+                if self.local is not None:  # nothing to connect; a failed publish still restarts the session
+                    await self._serve(self.local)
+                else:
+                    async with self._client() as client:
+                        await self._serve(MqttLink(client, mqtt5=self.mqtt5))
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
                 error = str(group.exceptions[0])
             self.connected.clear()

@@ -388,7 +388,8 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         self._access = AccessControl.from_files(
             bridge_client_id=self._bridge_client_id,
-            bridge_password=self._bridge_password,
+            # In-process, the bridge never logs in: without a secret nobody can use its id.
+            bridge_password=None if self._in_process_bridge else self._bridge_password,
             password_file=self._password_file,
             acl_file=self._acl_file,
         )

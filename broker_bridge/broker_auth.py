@@ -328,9 +328,10 @@ class AccessControl:
     """Decides who may connect and what each connection may do with which topic."""
 
     def __init__(
-        self, *, bridge_client_id: str, bridge_password: str, passwords: PasswordFile, acl: Acl | None
+        self, *, bridge_client_id: str, bridge_password: str | None, passwords: PasswordFile, acl: Acl | None
     ) -> None:
-        if not bridge_password:
+        # None: the bridge is attached in-process and never logs in, so no login may use its id.
+        if bridge_password == "":
             raise ValueError("with a password file the bridge needs a password of its own")
         self._bridge_client_id = bridge_client_id
         self._bridge_password = bridge_password
@@ -343,7 +344,7 @@ class AccessControl:
 
     @classmethod
     def from_files(
-        cls, *, bridge_client_id: str, bridge_password: str, password_file: Path | None, acl_file: Path | None
+        cls, *, bridge_client_id: str, bridge_password: str | None, password_file: Path | None, acl_file: Path | None
     ) -> AccessControl | None:
         """The access control those files ask for; None when neither is given (anyone may do anything)."""
         if password_file is None:
@@ -368,8 +369,10 @@ class AccessControl:
         """The principal these credentials prove, or None; the hash is computed in a worker thread."""
         if client_id == self._bridge_client_id:
             # The bridge's client id is reserved: taking it over would cut the bridge off its subscriptions.
-            bridge = username == self._bridge_client_id and hmac.compare_digest(
-                (password or "").encode(), self._bridge_password.encode()
+            bridge = (
+                self._bridge_password is not None
+                and username == self._bridge_client_id
+                and hmac.compare_digest((password or "").encode(), self._bridge_password.encode())
             )
             return Principal(username, client_id, bridge=True) if bridge else None
         if username is None:

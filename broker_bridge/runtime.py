@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
-import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -51,15 +49,12 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         address = settings.broker_address()
         local: InProcessLink | None = None
         if settings.embedded:
-            # The bridge's session is in-process; its client id stays reserved behind a secret that
-            # lives only in this process, so no login can take it.
-            address = dataclasses.replace(address, username=settings.client_id, password=secrets.token_urlsafe(24))
+            # The bridge's session is in-process (no login); no connection may use its client id.
             embedded = await stack.enter_async_context(
                 EmbeddedBroker(
                     host=address.host,
                     port=address.port,
                     bridge_client_id=settings.client_id,
-                    bridge_password=address.password or "",
                     on_endpoint_seen=service.endpoint_seen,
                     kp1_prefix=scheme.kp1_prefix,
                     extension=scheme.extension,

@@ -250,3 +250,38 @@ async def test_mqtt5_spares_the_bridge_its_own_messages(env: Env) -> None:
         assert counts.get("ignored", 0) == 0
     else:
         assert counts["ignored"] >= 2  # 3.1.1: the push, the result reply and the admin reply come back
+
+
+async def test_in_process_session_restarts_after_a_refused_publish(
+    tmp_path: Path, app_version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embedded: a publish the broker refuses restarts the bridge's in-process session, as a reconnect
+    does on an external broker, instead of stopping the service; the event goes out on the next one."""
+    import asyncio
+
+    import aiomqtt
+
+    from broker_bridge.broker import InProcessLink
+
+    send, refused = InProcessLink.send, []
+
+    def refuse_first_event(
+        self: InProcessLink, topic: str, payload: bytes, *, qos: int, retain: bool = False
+    ) -> asyncio.Future[None]:
+        if topic.startswith("cex/events/") and not refused:
+            refused.append(topic)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_exception(aiomqtt.MqttError("refused by the test"))
+            return future
+        return send(self, topic, payload, qos=qos, retain=retain)
+
+    monkeypatch.setattr(InProcessLink, "send", refuse_first_event)
+    port = free_port()
+    env = Env(port, make_settings(tmp_path, port), app_version)
+    async with running_service(env.settings), probe(env.port, env.events()) as watcher, probe(env.port) as admin:
+        record = await invoke(admin, env)
+        event = await watcher.wait_topic(f"cex/events/{env.av}/{TOKEN}/reboot/{record['id']}")
+        assert event.json()["state"] == "pending"
+        again = await invoke(admin, env, rid=2)  # the service still answers
+        assert again["id"] == record["id"] + 1
+    assert refused == [f"cex/events/{env.av}/{TOKEN}/reboot/{record['id']}"]

@@ -639,3 +639,43 @@ async def test_admin_gets_replies_and_events(service: Service) -> None:
         states = {"pending", "cancelled"}
         await admin.wait_for(lambda s: s.topic.startswith("cex/events/") and s.json()["state"] == "cancelled")
         assert {s.json()["state"] for s in admin.seen if s.topic.startswith("cex/events/")} == states
+
+
+async def test_service_bridge_id_admits_no_login(service: Service) -> None:
+    """The service's bridge is attached in-process: its client id admits no login at all, whatever the
+    user name and password (there is no secret to guess), and the service goes on working."""
+    bridge_id = f"bridge-{service.port}"  # make_settings' client id
+    await assert_refused(service.port, identifier=bridge_id)
+    await assert_refused(service.port, bridge_id, "", identifier=bridge_id)
+    await assert_refused(service.port, bridge_id, "guess", identifier=bridge_id, clean_session=False)
+    await assert_refused(service.port, **user("admin"), identifier=bridge_id)
+    async with service.connect("admin") as admin:
+        record = await service.invoke(admin, "devA")
+    async with service.connect("devA") as dev_a:
+        assert await service.poll(dev_a, "devA", 2) == [{"id": record["id"], "payload": {"n": 1}}]
+
+
+async def test_in_process_bridge_id_refuses_even_the_bridge_password(
+    port: int, tmp_path: Path, app_version: str
+) -> None:
+    """Attached in-process, the bridge never logs in: its id is refused even with the password that
+    would admit a TCP bridge, so no connection can replace or take over the in-process session."""
+    pw = tmp_path / "pw"
+    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in PASSWORDS.items()))
+    async with EmbeddedBroker(
+        host="127.0.0.1",
+        port=port,
+        bridge_client_id=BRIDGE_ID,
+        bridge_password=BRIDGE_SECRET,
+        on_endpoint_seen=Recorder(),
+        password_file=pw,
+        in_process_bridge=True,
+    ) as running:
+        await running.link.subscribe(["kp1/+/cex/+/command/#"])
+        messages = running.link.messages()
+        await assert_refused(port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID)
+        await assert_refused(port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID, clean_session=False)
+        async with client(port, **user("devA")) as dev_a:
+            await dev_a.publish(f"kp1/{app_version}/cex/devA/command/reboot", b"{}")
+        received = await asyncio.wait_for(anext(messages), 5)
+        assert received.topic == f"kp1/{app_version}/cex/devA/command/reboot"
