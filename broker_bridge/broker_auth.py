@@ -423,6 +423,8 @@ class AccessControl:
     ) -> str | None:
         if principal is None:
             return "bad or missing credentials"
+        if (bad := bad_will(connect)) is not None:
+            return bad
         if connect.will_flag and not self.permits(principal, Access.PUBLISH, connect.will_topic or ""):
             return "will topic not writable"
         existing = sessions.get(principal.client_id)
@@ -442,6 +444,14 @@ class AccessControl:
             self._admitted.pop(peer, None)
 
 
+def bad_will(connect: Any) -> str | None:
+    """A will on a topic name with wildcards, which MQTT forbids and amqtt would route as it is."""
+    topic = connect.will_topic or ""
+    if connect.will_flag and ("+" in topic or "#" in topic):
+        return f"will topic {topic!r} has wildcards"
+    return None
+
+
 async def screen_reserved(
     client_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> ReaderAdapter | None:
@@ -453,8 +463,9 @@ async def screen_reserved(
     except Exception as exc:  # garbage instead of a CONNECT: amqtt would drop the connection too
         _log.info("mqtt connection dropped: no valid CONNECT (%r)", exc)
         return None
-    if connect.client_id == client_id:
-        _log.info("mqtt connection refused: client id %r is the bridge's own", client_id)
+    refusal = f"client id {client_id!r} is the bridge's own" if connect.client_id == client_id else bad_will(connect)
+    if refusal is not None:
+        _log.info("mqtt connection refused: %s", refusal)
         writer.write(_CONNACK_REFUSED)
         await writer.drain()
         return None

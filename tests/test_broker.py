@@ -382,6 +382,17 @@ async def test_link_client_id_is_reserved(
     assert (await next_message(messages)).payload == b"{}"
 
 
+async def test_will_topic_with_wildcards_is_refused(linked: InProcessLink, port: int, app_version: str) -> None:
+    """MQTT forbids wildcards in a will topic; amqtt would route such a will as it is, so it is refused."""
+    will = aiomqtt.Will(f"kp1/{app_version}/cex/+/command/reboot", b"{}")
+    with pytest.raises(aiomqtt.MqttError, match=r"[Nn]ot authori[sz]ed"):
+        async with aiomqtt.Client("127.0.0.1", port, identifier="dev-wild-will", will=will):
+            pass
+    fine = aiomqtt.Will(f"kp1/{app_version}/cex/{token()}/command/reboot", b"{}")
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-fine-will", will=fine):
+        pass
+
+
 async def test_link_close_fails_what_is_not_routed(port: int, seen: Seen, app_version: str) -> None:
     """Closing the link fails queued and later publishes and ends its messages, instead of hanging."""
     async with EmbeddedBroker(

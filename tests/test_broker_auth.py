@@ -425,6 +425,23 @@ async def test_will_topic_must_be_writable(secured: Broker, app_version: str) ->
         pass
 
 
+async def test_will_topic_with_wildcards_is_refused_after_login(port: int, tmp_path: Path, app_version: str) -> None:
+    """Logins without an ACL (every topic writable): a will topic with wildcards is still refused."""
+    pw = tmp_path / "pw"
+    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in PASSWORDS.items()))
+    async with EmbeddedBroker(
+        host="127.0.0.1",
+        port=port,
+        bridge_client_id=BRIDGE_ID,
+        bridge_password=BRIDGE_SECRET,
+        on_endpoint_seen=Recorder(),
+        password_file=pw,
+    ):
+        await assert_refused(port, **user("devA"), will=aiomqtt.Will(f"kp1/{app_version}/cex/+/result/x", b"[]"))
+        async with client(port, **user("devA"), will=aiomqtt.Will(f"kp1/{app_version}/cex/devA/result/x", b"[]")):
+            pass
+
+
 async def test_persistent_session_of_another_user(secured: Broker, app_version: str) -> None:
     """Another user cannot resume a persistent session; a clean start under that client id is allowed."""
     async with client(secured.port, **user("devA"), identifier="shared", clean_session=False) as dev_a:
