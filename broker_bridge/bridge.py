@@ -381,7 +381,7 @@ def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain
     that was 6.7% of the bridge's CPU. Here a publish costs a future and a timer, and a batch of them
     can be awaited with ``asyncio.gather`` without a task each (the outbox's event chunks). It
     registers what aiomqtt's ``_on_publish`` calls ``set()`` on (aiomqtt internals, as the manual ack
-    in ``Bridge._serve``), and fails the same ways, through the future (never by raising, so a caller
+    in ``MqttLink``), and fails the same ways, through the future (never by raising, so a caller
     that sends several or sends from a callback sees every failure in one place): ``MqttCodeError``
     when paho refuses the message, ``MqttError`` after the client's timeout.
     """

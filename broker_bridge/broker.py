@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 from amqtt.mqtt.publish import PublishPacket
@@ -37,7 +37,7 @@ from broker_bridge.broker_auth import (
     Principal,
     TopicAclPlugin,
     principal_of,
-    screen_reserved,
+    screen,
 )
 from broker_bridge.errors import StartupError
 from broker_bridge.routing import Subscriptions
@@ -475,13 +475,7 @@ class EmbeddedBroker:
         writer: asyncio.StreamWriter,
     ) -> None:
         try:
-            source: Any = StreamReaderAdapter(reader)
-            if access is not None:
-                # Checked before amqtt reads the CONNECT: amqtt replaces or takes over a session with the same
-                # client id before it asks who the client is. The bridge's id needs its secret password.
-                source = await access.screen(broker.sessions, reader, writer)
-            elif reserved is not None:
-                source = await screen_reserved(reserved, reader, writer)
+            source = await screen(reader, writer, access=access, sessions=broker.sessions, reserved=reserved)
             if source is not None:
                 await broker.external_connected(source, StreamWriterAdapter(writer), listener_name=_LISTENER)
         finally:

@@ -388,43 +388,21 @@ class AccessControl:
             return True
         return self.acl.permits(principal, access, topic)
 
-    # amqtt authenticates a session only after it has already replaced or taken over any session with the same
-    # client id, so we check the CONNECT before amqtt sees it (screen) and tell its auth plugin the verdict.
-
-    async def screen(
-        self, sessions: Mapping[str, tuple[Any, Any]], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> ReaderAdapter | None:
-        """Read and check the CONNECT; a reader that replays it to amqtt, or None once refused."""
-        peer = _peer(writer)
-        source = _ReplayReader(reader)
-        try:
-            connect = await ConnectPacket.from_stream(source)
-        except Exception as exc:  # garbage instead of a CONNECT: amqtt would drop the connection too
-            _log.info("mqtt connection dropped: no valid CONNECT (%r)", exc)
-            return None
-        source.rewind()
-        if connect.proto_name != "MQTT" or connect.proto_level != _MQTT_311:
-            return source  # amqtt refuses these itself, with the right CONNACK, before touching any session
-        if peer is None:
-            return None
+    async def admit(self, connect: Any, peer: _Peer, sessions: Mapping[str, tuple[Any, Any]]) -> str | None:
+        """Log a CONNECT in (hashes are checked in a thread); why it is refused, or None once admitted.
+        LoginPlugin then finds the verdict by ``peer``."""
         principal = await self.login(client_id=connect.client_id, username=connect.username, password=connect.password)
         refusal = self._refusal(principal, connect, sessions)
-        if refusal is not None:
-            _log.info("mqtt login refused: %s (client id %r, user %r)", refusal, connect.client_id, connect.username)
-            writer.write(_CONNACK_REFUSED)
-            await writer.drain()
-            return None
-        assert principal is not None  # _refusal says so
-        self._admitted[peer] = principal
-        return source
+        if refusal is None:
+            assert principal is not None  # _refusal says so
+            self._admitted[peer] = principal
+        return refusal
 
     def _refusal(
         self, principal: Principal | None, connect: Any, sessions: Mapping[str, tuple[Any, Any]]
     ) -> str | None:
         if principal is None:
             return "bad or missing credentials"
-        if (bad := bad_will(connect)) is not None:
-            return bad
         if connect.will_flag and not self.permits(principal, Access.PUBLISH, connect.will_topic or ""):
             return "will topic not writable"
         existing = sessions.get(principal.client_id)
@@ -444,33 +422,46 @@ class AccessControl:
             self._admitted.pop(peer, None)
 
 
-def bad_will(connect: Any) -> str | None:
-    """A will on a topic name with wildcards, which MQTT forbids and amqtt would route as it is."""
-    topic = connect.will_topic or ""
-    if connect.will_flag and ("+" in topic or "#" in topic):
-        return f"will topic {topic!r} has wildcards"
-    return None
-
-
-async def screen_reserved(
-    client_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+async def screen(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    access: AccessControl | None,
+    sessions: Mapping[str, tuple[Any, Any]],
+    reserved: str | None,
 ) -> ReaderAdapter | None:
-    """Without logins, still keep one client id for the in-process bridge: amqtt would otherwise let a
-    connection with that id replace or take over its session. A reader replaying the CONNECT, or None."""
+    """Read and check a connection's CONNECT before amqtt does: a reader that replays it to amqtt, or
+    None once refused (with CONNACK "not authorised") or dropped.
+
+    amqtt replaces or takes over a session with the same client id before it asks who the client is,
+    so the login (``access``) and the ``reserved`` client id of the in-process bridge are checked
+    here; so is a will topic with wildcards, which MQTT forbids and amqtt would route as it is."""
     source = _ReplayReader(reader)
     try:
         connect = await ConnectPacket.from_stream(source)
     except Exception as exc:  # garbage instead of a CONNECT: amqtt would drop the connection too
         _log.info("mqtt connection dropped: no valid CONNECT (%r)", exc)
         return None
-    refusal = f"client id {client_id!r} is the bridge's own" if connect.client_id == client_id else bad_will(connect)
-    if refusal is not None:
-        _log.info("mqtt connection refused: %s", refusal)
-        writer.write(_CONNACK_REFUSED)
-        await writer.drain()
-        return None
     source.rewind()
-    return source
+    if connect.proto_name != "MQTT" or connect.proto_level != _MQTT_311:
+        return source  # amqtt refuses these itself, with the right CONNACK, before touching any session
+    peer = _peer(writer)
+    if peer is None:
+        return None
+    will = connect.will_topic or ""
+    refusal: str | None = None
+    if reserved is not None and connect.client_id == reserved:
+        refusal = "the bridge's own client id"
+    elif connect.will_flag and ("+" in will or "#" in will):
+        refusal = f"will topic {will!r} has wildcards"
+    elif access is not None:
+        refusal = await access.admit(connect, peer, sessions)
+    if refusal is None:
+        return source
+    _log.info("mqtt connection refused: %s (client id %r, user %r)", refusal, connect.client_id, connect.username)
+    writer.write(_CONNACK_REFUSED)
+    await writer.drain()
+    return None
 
 
 def _peer(writer: asyncio.StreamWriter) -> _Peer | None:
@@ -517,7 +508,7 @@ def principal_of(session: Any) -> Principal | None:
 
 
 class LoginPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's half of a login: accepts what AccessControl.screen admitted and labels the session."""
+    """amqtt's half of a login: accepts what ``screen`` admitted and labels the session."""
 
     @dataclass
     class Config:

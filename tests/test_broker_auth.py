@@ -316,12 +316,30 @@ class Broker:
         return client(self.port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID)
 
 
+def with_logins(port: int, password_file: Path, seen: Recorder | None = None, **options: Any) -> EmbeddedBroker:
+    """An EmbeddedBroker on ``port`` whose clients log in with ``password_file`` (a TCP bridge uses
+    BRIDGE_ID and BRIDGE_SECRET)."""
+    return EmbeddedBroker(
+        host="127.0.0.1",
+        port=port,
+        bridge_client_id=BRIDGE_ID,
+        bridge_password=BRIDGE_SECRET,
+        on_endpoint_seen=seen or Recorder(),
+        password_file=password_file,
+        **options,
+    )
+
+
+def users_file(tmp_path: Path, users: dict[str, str] = PASSWORDS) -> Path:
+    pw = tmp_path / "pw"
+    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in users.items()))
+    return pw
+
+
 @pytest.fixture
 async def secured(port: int, tmp_path: Path) -> AsyncIterator[Broker]:
     """An EmbeddedBroker with devA/devB/admin/ops/writer/watcher users and the ACL above plus a few more."""
-    users = PASSWORDS | {"ops": "pw-ops", "writer": "pw-writer", "watcher": "pw-watcher"}
-    pw = tmp_path / "pw"
-    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in users.items()))
+    pw = users_file(tmp_path, PASSWORDS | {"ops": "pw-ops", "writer": "pw-writer", "watcher": "pw-watcher"})
     acl = tmp_path / "acl"
     acl.write_text(
         ACL
@@ -329,15 +347,7 @@ async def secured(port: int, tmp_path: Path) -> AsyncIterator[Broker]:
         + "user watcher\ntopic read kp1/#\ntopic deny kp1/+/cex/devB/#\n"
     )
     seen = Recorder()
-    async with EmbeddedBroker(
-        host="127.0.0.1",
-        port=port,
-        bridge_client_id=BRIDGE_ID,
-        bridge_password=BRIDGE_SECRET,
-        on_endpoint_seen=seen,
-        password_file=pw,
-        acl_file=acl,
-    ):
+    async with with_logins(port, pw, seen, acl_file=acl):
         yield Broker(port, seen)
 
 
@@ -428,16 +438,7 @@ async def test_will_topic_must_be_writable(secured: Broker, app_version: str) ->
 
 async def test_will_topic_with_wildcards_is_refused_after_login(port: int, tmp_path: Path, app_version: str) -> None:
     """Logins without an ACL (every topic writable): a will topic with wildcards is still refused."""
-    pw = tmp_path / "pw"
-    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in PASSWORDS.items()))
-    async with EmbeddedBroker(
-        host="127.0.0.1",
-        port=port,
-        bridge_client_id=BRIDGE_ID,
-        bridge_password=BRIDGE_SECRET,
-        on_endpoint_seen=Recorder(),
-        password_file=pw,
-    ):
+    async with with_logins(port, users_file(tmp_path)):
         await assert_refused(port, **user("devA"), will=aiomqtt.Will(f"kp1/{app_version}/cex/+/result/x", b"[]"))
         async with client(port, **user("devA"), will=aiomqtt.Will(f"kp1/{app_version}/cex/devA/result/x", b"[]")):
             pass
@@ -483,14 +484,7 @@ async def test_logins_stay_off_the_event_loop(port: int, tmp_path: Path) -> None
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PasswordFile, "verify", spy)
-        async with EmbeddedBroker(
-            host="127.0.0.1",
-            port=port,
-            bridge_client_id=BRIDGE_ID,
-            bridge_password=BRIDGE_SECRET,
-            on_endpoint_seen=Recorder(),
-            password_file=tmp_path / "pw",
-        ):
+        async with with_logins(port, tmp_path / "pw"):
             # A collection of the whole suite's garbage can pause the loop for hundreds of ms (seen once in
             # CI: 394 ms); this test is about blocking calls, so the collector waits until it is done.
             gc.collect()
@@ -683,17 +677,7 @@ async def test_in_process_bridge_id_refuses_even_the_bridge_password(
 ) -> None:
     """Attached in-process, the bridge never logs in: its id is refused even with the password that
     would admit a TCP bridge, so no connection can replace or take over the in-process session."""
-    pw = tmp_path / "pw"
-    pw.write_text("".join(pbkdf2_line(name, password, 101) for name, password in PASSWORDS.items()))
-    async with EmbeddedBroker(
-        host="127.0.0.1",
-        port=port,
-        bridge_client_id=BRIDGE_ID,
-        bridge_password=BRIDGE_SECRET,
-        on_endpoint_seen=Recorder(),
-        password_file=pw,
-        in_process_bridge=True,
-    ) as running:
+    async with with_logins(port, users_file(tmp_path), in_process_bridge=True) as running:
         await running.link.subscribe(["kp1/+/cex/+/command/#"])
         messages = running.link.messages()
         await assert_refused(port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID)
