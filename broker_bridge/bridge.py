@@ -17,7 +17,6 @@ from typing import Any, Protocol, cast
 import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -27,6 +26,7 @@ from broker_bridge.commands import to_record
 from broker_bridge.config import BrokerAddress
 from broker_bridge.errors import BridgeError, PayloadTooLarge, StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.paho_io import BufferedReads, BufferedWrites
 from broker_bridge.service import CommandService
 from broker_bridge.topics import (
     AdminAction,
@@ -86,6 +86,7 @@ class MqttLink:
         # (committed and answered), so the broker redelivers what a crash interrupted.
         client._client.manual_ack_set(True)
         BufferedReads(client._client)
+        BufferedWrites(client._client)
 
     async def subscribe(self, filters: list[str]) -> None:
         # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.
@@ -320,57 +321,6 @@ class Bridge:
     @staticmethod
     async def _reply(link: Link, topic: str, body: Any, codec: Codec, qos: int) -> None:
         await link.send(topic, protocol.encode(body, codec), qos=qos)
-
-
-class BufferedReads:
-    """Serve paho's socket reads from one large ``recv`` per burst instead of three or more per packet.
-
-    paho 2.x reads a packet as a 1-byte ``recv`` for its type, a 1-byte ``recv`` per byte of its
-    length and one for its body, and ends each burst with a ``recv`` that raises BlockingIOError:
-    measured, ``_sock_recv`` was 10% of the bridge's event loop under load. This wraps the client's
-    ``_sock_recv`` (a paho internal, like the manual ack) with a buffer, and its ``loop_read`` so
-    that nothing buffered waits for the socket to become readable again (it would not: the kernel
-    has handed it over already). One per connection: aiomqtt makes a new paho client for each.
-    """
-
-    CHUNK = 65_536
-
-    def __init__(self, paho: mqtt.Client) -> None:
-        self._recv = paho._sock_recv
-        self._loop_read = paho.loop_read
-        self._data = b""
-        self._pos = 0
-        self._draining = False
-        paho._sock_recv = self.recv  # type: ignore[method-assign]
-        paho.loop_read = self.loop_read  # type: ignore[method-assign]
-
-    @property
-    def buffered(self) -> int:
-        return len(self._data) - self._pos
-
-    def recv(self, bufsize: int) -> bytes:
-        if self._pos >= len(self._data):
-            if self._draining:  # the rest of a packet cut at the buffer's end: next readable event
-                raise BlockingIOError
-            data = self._recv(self.CHUNK)  # raises BlockingIOError when there is nothing; b"" at EOF
-            if not data:
-                return data
-            self._data, self._pos = data, 0
-        chunk = self._data[self._pos : self._pos + bufsize]
-        self._pos += len(chunk)
-        return chunk
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """paho's, then parse what is left in the buffer without reading the socket again: under a
-        steady inflow, reading on would keep this callback from ever returning to the event loop."""
-        rc = self._loop_read(max_packets)
-        self._draining = True
-        try:
-            while rc == mqtt.MQTT_ERR_SUCCESS and self.buffered:
-                rc = self._loop_read(max_packets)
-        finally:
-            self._draining = False
-        return rc
 
 
 def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker_bridge.bridge import BufferedReads
+from broker_bridge.paho_io import BufferedReads
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
