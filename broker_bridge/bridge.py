@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker_bridge import cep, protocol
@@ -79,14 +80,30 @@ class Link(Protocol):
 class MqttLink:
     """A ``Link`` over an aiomqtt client: QoS 1 messages are acknowledged only once handled."""
 
-    def __init__(self, client: aiomqtt.Client, *, mqtt5: bool) -> None:
+    def __init__(self, client: aiomqtt.Client, *, mqtt5: bool, on_refused: Callable[[], None] = lambda: None) -> None:
         self.client = client
         self.mqtt5 = mqtt5
+        self.on_refused = on_refused
         # aiomqtt 2.5 internal: its paho client. A QoS 1 message is acknowledged only once handled
         # (committed and answered), so the broker redelivers what a crash interrupted.
         client._client.manual_ack_set(True)
         BufferedReads(client._client)
         BufferedWrites(client._client)
+        on_publish = client._client.on_publish  # aiomqtt's: resolves the publish's waiter
+        assert on_publish is not None
+        self._on_publish: Callable[..., None] = on_publish
+        client._client.on_publish = self._published
+
+    def _published(self, paho: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        """MQTT 5 brokers answer a refused publish (ACL: 0x87 Not authorized) with a failure code in
+        its PUBACK; aiomqtt ignores the code. Retrying cannot help (the broker's configuration must
+        change) and must not stall what follows, so the publish counts as done, loudly."""
+        if reason.is_failure:
+            pending = self.client._pending_publishes.get(mid)
+            topic = pending.topic if isinstance(pending, _Ack) else None
+            log.error("publish_refused", topic=topic, reason=str(reason), hint="check the broker's ACL for the bridge")
+            self.on_refused()
+        self._on_publish(paho, userdata, mid, reason, properties)
 
     async def subscribe(self, filters: list[str]) -> None:
         # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.
@@ -126,6 +143,7 @@ class Bridge:
         max_in_flight: int = 512,
         on_reconnect: Callable[[], None] = lambda: None,
         on_received: Callable[[str], None] = lambda kind: None,
+        on_refused: Callable[[], None] = lambda: None,
         mqtt5: bool = False,
         local: Link | None = None,
     ) -> None:
@@ -139,6 +157,7 @@ class Bridge:
         self.max_in_flight = max_in_flight
         self.on_reconnect = on_reconnect
         self.on_received = on_received
+        self.on_refused = on_refused
         self.mqtt5 = mqtt5
         self.local = local
         self.connected = asyncio.Event()
@@ -184,7 +203,7 @@ class Bridge:
                     await self._serve(self.local)
                 else:
                     async with self._client() as client:
-                        await self._serve(MqttLink(client, mqtt5=self.mqtt5))
+                        await self._serve(MqttLink(client, mqtt5=self.mqtt5, on_refused=self.on_refused))
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
                 error = str(group.exceptions[0])
             self.connected.clear()
@@ -343,20 +362,26 @@ def send(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, retain
     elif qos == 0 or info.is_published():
         future.set_result(None)
     else:
-        _Ack(loop, client, info.mid, future)
+        _Ack(loop, client, info.mid, future, topic)
     return future
 
 
 class _Ack:
     """One QoS 1 publish awaiting its PUBACK: resolved by aiomqtt's on_publish, or failed on timeout."""
 
-    __slots__ = ("future", "mid", "pending", "timer")
+    __slots__ = ("future", "mid", "pending", "timer", "topic")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, client: aiomqtt.Client, mid: int, future: asyncio.Future[None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: aiomqtt.Client,
+        mid: int,
+        future: asyncio.Future[None],
+        topic: str,
     ) -> None:
         self.future = future
         self.mid = mid
+        self.topic = topic
         # Declared dict[int, asyncio.Event]; aiomqtt only ever calls set() on what it holds.
         self.pending = cast("dict[int, Any]", client._pending_publishes)
         self.pending[mid] = self

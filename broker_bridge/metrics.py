@@ -36,6 +36,11 @@ class Metrics:
         self.reconnects = Counter(
             "broker_bridge_mqtt_reconnects", "Times the bridge lost its broker connection", registry=self.registry
         )
+        self.refused = Counter(
+            "broker_bridge_mqtt_publishes_refused",
+            "Publishes the broker refused in its PUBACK (MQTT 5; e.g. its ACL denies the bridge a topic)",
+            registry=self.registry,
+        )
         self.received = Counter(
             "broker_bridge_mqtt_received",
             "MQTT messages the bridge received: device requests, admin requests, ignored (replies)",

@@ -75,6 +75,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             max_payload_bytes=settings.max_payload_bytes,
             on_reconnect=metrics.reconnects.inc,
             on_received=metrics.count_received,
+            on_refused=metrics.refused.inc,
             local=local,
         )
         app = create_app(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from broker_bridge.commands import CommandState, to_record
@@ -72,19 +73,28 @@ def mosquitto_passwd() -> str:
     return tool
 
 
-@pytest.fixture
-def secured(tmp_path: Path) -> Iterator[SecuredMosquitto]:
-    """Mosquitto with the shipped ACL and a password file for devA, devB, admin and broker-bridge."""
+@contextlib.contextmanager
+def secured_broker(tmp_path: Path, acl: Path) -> Iterator[SecuredMosquitto]:
+    """Mosquitto with this ACL and a password file for devA, devB, admin and broker-bridge."""
     if not mosquitto_available():
         skip_or_fail("mosquitto is not installed (Debian package 'mosquitto')")
     tool, passwd = mosquitto_passwd(), tmp_path / "passwd"
     for index, (user, password) in enumerate(PASSWORDS.items()):
         create = ["-c"] if index == 0 else []
         subprocess.run([tool, *create, "-b", str(passwd), user, password], check=True, capture_output=True)
-    broker = SecuredMosquitto(tmp_path, passwd, CONFIG / "acl")
+    broker = SecuredMosquitto(tmp_path, passwd, acl)
     broker.start()
-    yield broker
-    broker.stop()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[SecuredMosquitto]:
+    """Mosquitto with the shipped ACL."""
+    with secured_broker(tmp_path, CONFIG / "acl") as broker:
+        yield broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +257,33 @@ async def test_logins_are_required(secured: SecuredMosquitto) -> None:
             async with aiomqtt.Client("127.0.0.1", secured.port, **credentials):
                 pass
         assert str(refused.value.rc) == "Not authorized", credentials  # paho's name for 3.1.1 code 5
+
+
+async def test_a_publish_the_broker_refuses_is_logged_counted_and_passed(tmp_path: Path, app_version: str) -> None:
+    """MQTT 5: an ACL that denies the bridge its events topic gets PUBACK 0x87 for every event. The
+    bridge counts and logs each refusal (it used to count them as delivered, silently) and goes on:
+    replies and pushes on its other topics still flow."""
+    acl = tmp_path / "acl"
+    acl.write_text((CONFIG / "acl").read_text().replace("topic write cex/events/#", "# events: denied"))
+    with secured_broker(tmp_path, acl) as broker:
+        url = f"mqtt://broker-bridge:{PASSWORDS['broker-bridge']}@127.0.0.1:{broker.port}"
+        settings = make_settings(tmp_path, broker.port, broker_url=url)
+        assert settings.use_mqtt5
+        async with running_service(settings):
+            site = Site(broker, settings, app_version)
+            async with login(site, "admin") as admin, login(site, "devB", site.kp1("devB", "#")) as dev_b:
+                for rid in (1, 2):
+                    record = await invoke(admin, site, "devB", rid)
+                    push = [{"id": record["id"], "payload": {"n": rid}}]
+                    await dev_b.wait_for(lambda seen, push=push: seen.json() == push)
+                    result = {"id": record["id"], "statusCode": 200}
+                    reply = await dev_b.request(site.kp1("devB", f"result/reboot/{10 + rid}"), result)
+                    assert reply.json() == {"statusCode": 200, "reasonPhrase": "OK"}
+            async with httpx.AsyncClient(base_url=f"http://{settings.http_listen}") as http:
+                exposition = (await http.get("/metrics")).text
+    counter = "broker_bridge_mqtt_publishes_refused_total"
+    assert [line for line in exposition.splitlines() if line.startswith(counter)] == [f"{counter} 4.0"]  # 2 events x 2
+    assert broker.denied(settings.client_id, f"cex/events/{app_version}/devB/reboot/{record['id']}")
 
 
 def test_shipped_files_load(tmp_path: Path) -> None:
