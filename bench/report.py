@@ -196,6 +196,15 @@ def _cpu(cpu: dict[str, float] | None) -> str:
     return ", ".join(f"{role} {share:.2f}" for role, share in cpu.items())
 
 
+def _per_command(phase: dict[str, Any]) -> str:
+    """The serving process's CPU time per executed command: steadier than a rate on a shared machine."""
+    cpu, rate = phase.get("cpu_cores") or {}, phase.get("per_s")
+    cores = cpu.get("serve", cpu.get("serve+amqtt"))
+    if not isinstance(cores, int | float) or not rate:
+        return "-"
+    return f"{cores / rate * 1000:.2f} ms"
+
+
 def _busy_elsewhere(node: Any) -> list[float]:
     """Every "rest of machine" CPU figure in the results."""
     found: list[float] = []
@@ -288,8 +297,8 @@ def markdown(results: dict[str, Any]) -> str:
             "## 2. Bridge end to end (`broker-bridge serve` in its own process)",
             "",
             "| broker | load | executed/s | invoke→receipt p50 / p99 ms | invoke→executed p50 / p99 ms "
-            "| invoke→reply p50 / p99 ms | CPU (cores) |",
-            "|---|---|---:|---:|---:|---:|---|",
+            "| invoke→reply p50 / p99 ms | serve CPU per command | CPU (cores) |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for broker, data in s["e2e"].items():
             for key, label in (("full", f"full (window {_get(data, 'full', 'window')})"), ("light", "10% (open loop)")):
@@ -297,7 +306,8 @@ def markdown(results: dict[str, Any]) -> str:
                 if d:
                     out.append(
                         f"| {broker} | {label} | {_fmt(d.get('per_s'))} | {_lat(d.get('latency_receipt'))} | "
-                        f"{_lat(d.get('latency'))} | {_lat(d.get('latency_reply'))} | {_cpu(d.get('cpu_cores'))} |"
+                        f"{_lat(d.get('latency'))} | {_lat(d.get('latency_reply'))} | {_per_command(d)} | "
+                        f"{_cpu(d.get('cpu_cores'))} |"
                     )
         rss = ", ".join(f"{b} {_get(d, 'serve_rss_mb', 'peak')} MB" for b, d in s["e2e"].items())
         endpoints = ", ".join(f"{b} {d.get('endpoints')}" for b, d in s["e2e"].items())
