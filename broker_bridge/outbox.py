@@ -20,7 +20,7 @@ from broker_bridge.errors import StoreUnavailable
 from broker_bridge.protocol import encode
 from broker_bridge.service import CommandService
 from broker_bridge.store import Delivery
-from broker_bridge.topics import Codec, Target, TopicScheme
+from broker_bridge.topics import Codec, Format, Target, TopicScheme
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +87,8 @@ class Outbox:
         if publish is None or target in self._dirty or target in self._pushing:
             return False
         if not (delivery.observe and delivery.commands) or (self.retain and not delivery.retained):
+            return False
+        if delivery.retained_elsewhere is not None:  # the old format's topic is cleared first, in the loop
             return False
         try:
             sent = asyncio.ensure_future(publish(self._list(delivery, retain=self.retain)))
@@ -251,15 +253,22 @@ class Outbox:
             await publish(self._list(delivery, retain=False))
 
     async def _push_retained(self, publish: Publish, delivery: Delivery) -> None:
-        """Keep the broker's retained list equal to the outstanding list; mark before, clear after."""
+        """Keep the broker's retained list equal to the outstanding list; mark before, clear after.
+
+        A device that switched formats left its list on the old format's topic: that one is deleted
+        first (the mark keeps naming it until then, so a crash in between deletes it after the restart)."""
+        moved_from = delivery.retained_elsewhere
+        if moved_from is not None:
+            await publish(self._deletion(delivery, moved_from))
         if delivery.observe and delivery.commands:
-            if not delivery.retained:
-                await self.service.store.mark_retained(delivery.target, True)
+            if not delivery.retained or moved_from is not None:
+                await self.service.store.mark_retained(delivery.target, True, delivery.format)
             await publish(self._list(delivery, retain=True))
         elif delivery.retained:
-            # observe false: delete the retained list (empty payload) rather than push "[]".
-            empty = self._list(delivery, retain=True) if delivery.observe else self._deletion(delivery)
-            await publish(empty)
+            if moved_from is None:
+                # observe false: delete the retained list (empty payload) rather than push "[]".
+                empty = self._list(delivery, retain=True) if delivery.observe else self._deletion(delivery)
+                await publish(empty)
             await self.service.store.mark_retained(delivery.target, False)
 
     def _list(self, delivery: Delivery, *, retain: bool) -> Publication:
@@ -267,8 +276,10 @@ class Outbox:
         topic = self.scheme.push_topic(delivery.target, delivery.format)
         return Publication(topic=topic, payload=encode(items, delivery.format.codec), retain=retain)
 
-    def _deletion(self, delivery: Delivery) -> Publication:
-        return Publication(topic=self.scheme.push_topic(delivery.target, delivery.format), payload=b"", retain=True)
+    def _deletion(self, delivery: Delivery, fmt: Format | None = None) -> Publication:
+        """An empty retained message: deletes the list retained on that format's push topic."""
+        topic = self.scheme.push_topic(delivery.target, delivery.format if fmt is None else fmt)
+        return Publication(topic=topic, payload=b"", retain=True)
 
 
 def _endpoint(target: Target) -> str:

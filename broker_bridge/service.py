@@ -210,7 +210,10 @@ class CommandService:
     async def poll(self, target: Target, observe: bool | None, fmt: Format = Format.PLAIN) -> tuple[Command, ...]:
         """Every outstanding command of a target; remembers the observe flag and format."""
         await self.registry.admit(target.app_version, target.endpoint_token)
-        return await self.store.poll(target, self.clock(), observe, fmt)
+        polled = await self.store.poll(target, self.clock(), observe, fmt)
+        if polled.moved:  # the device switched formats: its retained list must follow it
+            self.announcer.outstanding_changed(target, added=True)
+        return polled.commands
 
     async def report(self, target: Target, results: Sequence[ResultItem]) -> list[ReportOutcome]:
         """Apply a device's results in order; each refused one carries its error."""

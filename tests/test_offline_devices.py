@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -149,6 +150,32 @@ async def test_retained_list_survives_bridge_restart_on_mosquitto(
         await store.cancel(command.id, command.created_at)
     async with running_service(settings), probe(mosquitto.port, push_topic) as device:
         await device.wait_for(lambda s: s.topic == push_topic and s.json() == [])
+
+
+async def test_a_device_that_switches_to_msgpack_finds_no_stale_list_on_mosquitto(
+    tmp_path: Path, app_version: str, mosquitto: MosquittoProcess
+) -> None:
+    """The list retained on the JSON topic moves to the MessagePack topic when the device polls there:
+    a device that comes back on the old topic must not be handed commands it may execute twice."""
+    settings = make_settings(tmp_path, mosquitto.port, broker_url=mosquitto.url)
+    base = f"kp1/{app_version}/cex/{TOKEN}/command/reboot"
+    plain, packed = f"{base}/status", f"{base}/msgpack/status"
+    async with running_service(settings), probe(mosquitto.port, plain, packed) as watcher:
+        reply = await watcher.request(f"cex/admin/{app_version}/{TOKEN}/invoke/reboot/1", {"payload": "x"})
+        record = reply.json()
+        await watcher.wait_topic(plain)  # retained on the JSON topic
+        async with probe(mosquitto.port) as device:
+            polled = await device.request(f"{base}/msgpack/7", msgpack.packb({"observe": True}))
+            assert msgpack.unpackb(polled.payload) == [{"id": record["id"], "payload": "x"}]
+        await watcher.wait_topic(packed)  # moved: the JSON topic's list was deleted just before
+        async with probe(mosquitto.port, packed) as late_packed:
+            moved = await late_packed.wait_topic(packed)
+            assert moved.retain
+            assert msgpack.unpackb(moved.payload) == [{"id": record["id"], "payload": "x"}]
+        async with probe(mosquitto.port, plain) as late_plain:
+            await late_plain.publish(plain, b"sentinel", qos=1)  # a retained list would arrive before it
+            first = await late_plain.wait_topic(plain)
+            assert first.payload == b"sentinel", first
 
 
 async def test_watcher_of_one_reply_topic_gets_only_that_topic(tmp_path: Path, app_version: str) -> None:

@@ -10,9 +10,10 @@ from typing import Any
 
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.protocol import ResultItem, encode
 from broker_bridge.service import CommandService, Limits
 from broker_bridge.store.memory import MemoryStore
-from broker_bridge.topics import Target, TopicScheme
+from broker_bridge.topics import Codec, Format, Target, TopicScheme
 
 REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
 
@@ -234,3 +235,52 @@ async def test_marks_left_by_a_previous_connection_are_committed_when_run_starts
             if not outbox._marks:
                 break
         assert await service.store.unannounced(0, 10) == []
+
+
+async def test_a_device_that_switches_formats_takes_its_retained_list_along() -> None:
+    """The list retained on the plain topic is deleted, then retained on the MessagePack one; a
+    restart in between (the mark still names the plain topic) deletes it all the same."""
+    service, outbox = wired(retain=True)
+    sent: list[Publication] = []
+
+    async def publish(publication: Publication) -> None:
+        if not publication.topic.startswith("cex/events/"):
+            sent.append(publication)
+
+    command = await service.invoke(REBOOT, {"seq": 1})
+    await outbox.flush(publish)
+    plain, packed = "kp1/app-v1/cex/dev1/command/reboot/status", "kp1/app-v1/cex/dev1/command/reboot/msgpack/status"
+    listed = [{"id": command.id, "payload": {"seq": 1}}]
+    assert sent == [Publication(topic=plain, payload=encode(listed, Codec.JSON), retain=True)]
+    sent.clear()
+    assert await service.poll(REBOOT, True, Format.MSGPACK) == (command,)
+    restarted = Outbox(service, TopicScheme(), retain=True)  # the announcement was lost with the process
+    restarted.republish(await service.store.retained_targets())
+    await restarted.flush(publish)
+    assert sent == [
+        Publication(topic=plain, payload=b"", retain=True),  # an empty retained message deletes the old list
+        Publication(topic=packed, payload=encode(listed, Codec.MSGPACK), retain=True),
+    ]
+    delivery = await service.delivery(REBOOT)
+    assert (delivery.retained_format, delivery.retained_elsewhere) == (Format.MSGPACK, None)
+
+
+async def test_a_format_switch_is_announced_and_an_emptied_list_is_not_left_behind() -> None:
+    """Live: the poll announces the move; with nothing outstanding the old list goes and the mark too."""
+    service, outbox = wired(retain=True)
+    pushes = Pushes(service)
+    command = await service.invoke(REBOOT, 1)
+    await service.report(REBOOT, [ResultItem(id=command.id, statusCode=200)])
+    await outbox.flush(pushes.publish)  # the push, then the emptied list "[]", then the mark cleared
+    assert await service.store.retained_targets() == []
+    second = await service.invoke(REBOOT, 2)
+    await outbox.flush(pushes.publish)
+    pushes.seen.clear()
+    store: Any = service.store
+    await store.cancel(second.id, second.created_at)  # by another process, say: nothing announced here
+    assert await service.poll(REBOOT, None, Format.JSON) == ()
+    await outbox.flush(pushes.publish)  # the poll's announcement is all there is to push
+    json_topic = "kp1/app-v1/cex/dev1/command/reboot/json/status"
+    assert ("kp1/app-v1/cex/dev1/command/reboot/status", None, True) in pushes.seen  # deleted
+    assert all(topic != json_topic for topic, _, _ in pushes.seen)  # nothing to retain there
+    assert await service.store.retained_targets() == []

@@ -76,13 +76,14 @@ async def test_poll_returns_only_open_commands_of_that_target(store: CommandStor
     await store.create(new(OTHER_DEVICE))
     await store.report(REBOOT, [(a.id, report(200))])
     polled = await store.poll(REBOOT, T0 + timedelta(seconds=2), None, Format.PLAIN)
-    assert [c.id for c in polled] == [b.id]
+    assert [c.id for c in polled.commands] == [b.id]
+    assert polled.moved is False
 
 
 async def test_poll_hides_due_commands(store: CommandStore) -> None:
     """A command past its deadline is not delivered even before the sweep runs."""
     await store.create(new(ttl_s=5))
-    assert await store.poll(REBOOT, T0 + timedelta(seconds=5), None, Format.PLAIN) == ()
+    assert (await store.poll(REBOOT, T0 + timedelta(seconds=5), None, Format.PLAIN)).commands == ()
 
 
 async def test_progress_then_final_result(store: CommandStore) -> None:
@@ -153,7 +154,7 @@ async def test_cancel(store: CommandStore) -> None:
     assert await store.get(cmd.id) == cancelled
     with pytest.raises(CommandFinished):
         await store.cancel(cmd.id, T0 + timedelta(seconds=2))
-    assert await store.poll(REBOOT, T0, None, Format.PLAIN) == ()
+    assert (await store.poll(REBOOT, T0, None, Format.PLAIN)).commands == ()
 
 
 async def test_expire_due_takes_only_due_commands_up_to_limit(store: CommandStore) -> None:
@@ -277,6 +278,41 @@ async def test_a_clear_after_a_deletion_applies_while_commands_are_open(store: C
     await store.poll(REBOOT, T0, False, Format.PLAIN)
     await store.mark_retained(REBOOT, False)
     assert await store.retained_targets() == []
+
+
+async def test_a_retained_list_stays_recorded_under_its_format_when_the_device_switches(store: CommandStore) -> None:
+    """The mark names the format the list was retained in; a poll in another format says it moved,
+    until the list is marked again in the new format (the outbox deletes the old one in between)."""
+    created = await store.submit(new(), max_open=10, mark_retained=True)
+    assert created.delivery is not None
+    assert (created.delivery.retained_format, created.delivery.retained_elsewhere) == (Format.PLAIN, None)
+    switched = await store.poll(REBOOT, T0, None, Format.MSGPACK)
+    assert switched.moved is True
+    assert [c.id for c in switched.commands] == [created.command.id]
+    delivery = await store.delivery(REBOOT, T0)
+    assert (delivery.format, delivery.retained, delivery.retained_format) == (Format.MSGPACK, True, Format.PLAIN)
+    assert delivery.retained_elsewhere is Format.PLAIN
+    assert (await store.poll(REBOOT, T0, None, Format.MSGPACK)).moved is True  # until it is moved
+    await store.mark_retained(REBOOT, True, Format.MSGPACK)
+    delivery = await store.delivery(REBOOT, T0)
+    assert (delivery.retained_format, delivery.retained_elsewhere) == (Format.MSGPACK, None)
+    assert (await store.poll(REBOOT, T0, None, Format.MSGPACK)).moved is False
+    back = await store.poll(REBOOT, T0, None, Format.PLAIN)
+    assert back.moved is True
+    assert (await store.delivery(REBOOT, T0)).retained_elsewhere is Format.MSGPACK
+
+
+async def test_an_unretained_target_never_moves(store: CommandStore) -> None:
+    """Without a retained list a format switch is only remembered; a cleared mark names no format."""
+    created = await store.submit(new(), max_open=10, mark_retained=False)
+    assert (await store.poll(REBOOT, T0, None, Format.JSON)).moved is False
+    await store.mark_retained(REBOOT, True)  # no format given: the device's current one
+    assert (await store.delivery(REBOOT, T0)).retained_format is Format.JSON
+    await store.report(REBOOT, [(created.command.id, report(200))])
+    await store.mark_retained(REBOOT, False)
+    delivery = await store.delivery(REBOOT, T0)
+    assert (delivery.retained, delivery.retained_format) == (False, None)
+    assert (await store.poll(REBOOT, T0, None, Format.MSGPACK)).moved is False
 
 
 async def test_submit_refuses_past_the_open_limit_without_writing(store: CommandStore) -> None:

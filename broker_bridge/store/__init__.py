@@ -1,5 +1,5 @@
 """Persistence behind one interface (``CommandStore``); every implementation passes one contract suite."""
 
-from broker_bridge.store.base import CommandQuery, CommandStore, Created, Delivery, ReportOutcome
+from broker_bridge.store.base import CommandQuery, CommandStore, Created, Delivery, Polled, ReportOutcome
 
-__all__ = ["CommandQuery", "CommandStore", "Created", "Delivery", "ReportOutcome"]
+__all__ = ["CommandQuery", "CommandStore", "Created", "Delivery", "Polled", "ReportOutcome"]

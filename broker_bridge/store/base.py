@@ -68,6 +68,22 @@ class Delivery:
     format: Format  # the format the device last polled with
     retained: bool  # a non-empty list may still be retained on the broker for this target
     commands: tuple[Command, ...]
+    retained_format: Format | None = None  # with retained: the format whose topic holds that list
+
+    @property
+    def retained_elsewhere(self) -> Format | None:
+        """The format of a retained list left on another format's topic (the device switched)."""
+        moved = self.retained and self.retained_format not in (None, self.format)
+        return self.retained_format if moved else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Polled:
+    """What a poll returns: the outstanding commands, and whether a retained list of the target sits
+    on another format's topic than the one just polled with (it must be moved)."""
+
+    commands: tuple[Command, ...]
+    moved: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,16 +132,17 @@ class CommandStore(Protocol):
         """Cancel an open command; CommandNotFound / CommandFinished otherwise."""
         ...
 
-    async def poll(
-        self, target: Target, now: datetime, observe: bool | None, fmt: Format
-    ) -> tuple[Command, ...]:
-        """The outstanding commands of a target, remembering the device's observe flag and format."""
+    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+        """The outstanding commands of a target, remembering the device's observe flag and format.
+
+        A retained list stays recorded under the format it was published in (``Delivery.retained_format``)."""
         ...
 
     async def delivery(self, target: Target, now: datetime) -> Delivery: ...
 
-    async def mark_retained(self, target: Target, retained: bool) -> None:
-        """Remember whether a non-empty outstanding list is retained on the broker for a target.
+    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
+        """Remember whether a non-empty outstanding list is retained on the broker for a target, and
+        on which format's topic (``fmt``; None: the device's current format).
 
         Clearing (after the empty list or its deletion was published) leaves the mark while the
         target has an open command and its device observes: an invoke since then marked it in its

@@ -14,6 +14,7 @@ from broker_bridge.store.base import (
     CommandQuery,
     Created,
     Delivery,
+    Polled,
     ReportOutcome,
     check_cancel,
     check_open_limit,
@@ -30,7 +31,7 @@ class MemoryStore:
         self._commands: dict[int, Command] = {}
         self._next_id = 1
         self._observers: dict[Target, tuple[bool, Format]] = {}
-        self._retained: set[Target] = set()
+        self._retained: dict[Target, Format] = {}  # target -> the format whose topic holds its list
         self._devices: dict[str, Device] = {}
         self._unannounced: dict[int, datetime] = {}  # command id -> updated_at of the unannounced change
 
@@ -62,8 +63,8 @@ class MemoryStore:
         open_count = sum(1 for c in self._commands.values() if c.is_open and _endpoint(c.target) == endpoint)
         check_open_limit(open_count, max_open, new.target)
         command = await self.create(new)
-        if mark_retained and self._observes(new.target):
-            self._retained.add(new.target)
+        if mark_retained and self._observes(new.target) and new.target not in self._retained:
+            self._retained[new.target] = self._format(new.target)
         return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
@@ -102,11 +103,10 @@ class MemoryStore:
         found = (c for c in self._commands.values() if c.target == target and c.is_open and not c.is_due(now))
         return tuple(sorted(found, key=lambda c: c.id))
 
-    async def poll(
-        self, target: Target, now: datetime, observe: bool | None, fmt: Format
-    ) -> tuple[Command, ...]:
+    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
         self._observers[target] = (self._observes(target) if observe is None else observe, fmt)
-        return self._outstanding(target, now)
+        moved = target in self._retained and self._retained[target] != fmt
+        return Polled(commands=self._outstanding(target, now), moved=moved)
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         return self._delivery(target, now)
@@ -114,17 +114,26 @@ class MemoryStore:
     def _observes(self, target: Target) -> bool:
         return self._observers.get(target, (True, Format.PLAIN))[0]
 
+    def _format(self, target: Target) -> Format:
+        return self._observers.get(target, (True, Format.PLAIN))[1]
+
     def _delivery(self, target: Target, now: datetime) -> Delivery:
         observe, fmt = self._observers.get(target, (True, Format.PLAIN))
         outstanding = self._outstanding(target, now)
-        retained = target in self._retained
-        return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
+        return Delivery(
+            target=target,
+            observe=observe,
+            format=fmt,
+            retained=target in self._retained,
+            commands=outstanding,
+            retained_format=self._retained.get(target),
+        )
 
-    async def mark_retained(self, target: Target, retained: bool) -> None:
+    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
         if retained:
-            self._retained.add(target)
+            self._retained[target] = self._format(target) if fmt is None else fmt
         elif not self._observes(target) or not any(c.target == target and c.is_open for c in self._commands.values()):
-            self._retained.discard(target)
+            self._retained.pop(target, None)
 
     async def retained_targets(self) -> list[Target]:
         return sorted(self._retained, key=lambda t: (t.app_version, t.endpoint_token, t.command_type))

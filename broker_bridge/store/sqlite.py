@@ -39,6 +39,7 @@ from broker_bridge.store.base import (
     CommandQuery,
     Created,
     Delivery,
+    Polled,
     ReportOutcome,
     check_cancel,
     check_open_limit,
@@ -180,8 +181,8 @@ class SqliteStore(SqliteDevices):
             command = _insert(conn, new)
             delivery = _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
-                conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), 1))
-                delivery = dataclasses.replace(delivery, retained=True)
+                conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), delivery.format.value))
+                delivery = dataclasses.replace(delivery, retained=True, retained_format=delivery.format)
             return Created(command=command, created=True, delivery=delivery)
 
         result: Created = await self._submit(op, writes=True)
@@ -236,27 +237,28 @@ class SqliteStore(SqliteDevices):
         result: Command = await self._submit(op, writes=True)
         return result
 
-    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> tuple[Command, ...]:
-        def op(conn: Conn) -> tuple[Command, ...]:
-            old_observe, old_fmt, _ = _observer(conn, target)
+    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+        def op(conn: Conn) -> Polled:
+            old_observe, old_fmt, retained, retained_fmt = _observer(conn, target)
             new_observe = old_observe if observe is None else observe
             if (new_observe, fmt) != (old_observe, old_fmt):
                 conn.execute(rows.UPSERT_OBSERVER, rows.observer_params(target, new_observe, fmt))
-            return _outstanding(conn, target, now)
+            return Polled(commands=_outstanding(conn, target, now), moved=retained and retained_fmt != fmt)
 
-        result: tuple[Command, ...] = await self._submit(op, writes=True)
+        result: Polled = await self._submit(op, writes=True)
         return result
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now), writes=False)
         return result
 
-    async def mark_retained(self, target: Target, retained: bool) -> None:
+    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
         params = rows.target_params(target)
 
         def op(conn: Conn) -> None:
             if retained:
-                conn.execute(rows.MARK_RETAINED, (*params, 1))
+                marked = _observer(conn, target)[1] if fmt is None else fmt  # Format.PLAIN is ''
+                conn.execute(rows.MARK_RETAINED, (*params, marked.value))
             else:
                 conn.execute(rows.CLEAR_RETAINED, (*params, *params))
 
@@ -433,18 +435,25 @@ def _report_one(conn: Conn, target: Target, command_id: int, report: Report) -> 
     return outcome
 
 
-def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool]:
+def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool, Format]:
+    """observe, format, retained, and the format whose topic holds the retained list."""
     found = list(conn.execute(rows.SELECT_OBSERVER, rows.target_params(target)))
     if not found:
-        return True, Format.PLAIN, False
-    observe, fmt, retained = found[0]
-    return bool(observe), Format(fmt), bool(retained)
+        return True, Format.PLAIN, False, Format.PLAIN
+    observe, fmt, retained, retained_fmt = found[0]
+    return bool(observe), Format(fmt), bool(retained), Format(retained_fmt)
 
 
 def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
-    observe, fmt, retained = _observer(conn, target)
-    outstanding = _outstanding(conn, target, now)
-    return Delivery(target=target, observe=observe, format=fmt, retained=retained, commands=outstanding)
+    observe, fmt, retained, retained_fmt = _observer(conn, target)
+    return Delivery(
+        target=target,
+        observe=observe,
+        format=fmt,
+        retained=retained,
+        commands=_outstanding(conn, target, now),
+        retained_format=retained_fmt if retained else None,
+    )
 
 
 def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:

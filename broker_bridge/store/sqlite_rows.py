@@ -47,21 +47,25 @@ OPEN_TARGETS = (
 OPEN_COUNT = (
     "SELECT count(*) FROM commands WHERE app_version = ? AND endpoint_token = ? AND state IN ('pending', 'in_progress')"
 )
-SELECT_OBSERVER = f"SELECT observe, format, retained FROM observers WHERE {TARGET_WHERE}"
+SELECT_OBSERVER = (
+    f"SELECT observe, format, retained, coalesce(retained_format, format) FROM observers WHERE {TARGET_WHERE}"
+)
+# A retained list stays recorded under the format it was published in when the device switches.
 UPSERT_OBSERVER = (
     "INSERT INTO observers (app_version, endpoint_token, command_type, observe, format) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT DO UPDATE SET observe = excluded.observe, format = excluded.format"
+    "ON CONFLICT DO UPDATE SET observe = excluded.observe, format = excluded.format, "
+    "retained_format = CASE WHEN retained = 1 THEN coalesce(retained_format, format) END"
 )
 MARK_RETAINED = (
-    "INSERT INTO observers (app_version, endpoint_token, command_type, retained) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT DO UPDATE SET retained = excluded.retained"
+    "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
+    "VALUES (?, ?, ?, 1, ?) ON CONFLICT DO UPDATE SET retained = 1, retained_format = excluded.retained_format"
 )
 # Cleared only while the target has no open command (an invoke committed since the list was found
 # empty has marked it again, in its own transaction, and its push may be retained by now) or while
 # the device does not observe (then the list was deleted, and no invoke marks it).
 CLEAR_RETAINED = (
-    f"UPDATE observers SET retained = 0 WHERE {TARGET_WHERE} AND (observe = 0 OR NOT EXISTS (SELECT 1 "
-    f"FROM commands WHERE {TARGET_WHERE} AND state IN ('pending', 'in_progress')))"
+    f"UPDATE observers SET retained = 0, retained_format = NULL WHERE {TARGET_WHERE} AND (observe = 0 OR "
+    f"NOT EXISTS (SELECT 1 FROM commands WHERE {TARGET_WHERE} AND state IN ('pending', 'in_progress')))"
 )
 RETAINED_TARGETS = "SELECT app_version, endpoint_token, command_type FROM observers WHERE retained = 1"
 

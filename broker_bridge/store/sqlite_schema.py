@@ -68,6 +68,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE commands ADD COLUMN announced INTEGER NOT NULL DEFAULT 1;
     CREATE INDEX commands_unannounced ON commands (id) WHERE announced = 0;
     """,
+    """
+    -- With retained = 1: the format whose push topic holds the retained list ('' plain, 'json',
+    -- 'msgpack'), so a device that switches formats gets the list on the old topic deleted.
+    -- NULL: the observer's own format (marks made before this column).
+    ALTER TABLE observers ADD COLUMN retained_format TEXT;
+    """,
 ]
 
 
