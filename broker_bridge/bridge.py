@@ -98,12 +98,14 @@ class MqttLink:
         """MQTT 5 brokers answer a refused publish (ACL: 0x87 Not authorized) with a failure code in
         its PUBACK; aiomqtt ignores the code. Retrying cannot help (the broker's configuration must
         change) and must not stall what follows, so the publish counts as done, loudly."""
-        if reason.is_failure:
-            pending = self.client._pending_publishes.get(mid)
-            topic = pending.topic if isinstance(pending, _Ack) else None
-            log.error("publish_refused", topic=topic, reason=str(reason), hint="check the broker's ACL for the bridge")
-            self.on_refused()
-        self._on_publish(paho, userdata, mid, reason, properties)
+        try:
+            if reason.is_failure:
+                pending = self.client._pending_publishes.get(mid)
+                topic = pending.topic if isinstance(pending, _Ack) else None  # None: it timed out already
+                log.error("publish_refused", topic=topic, mid=mid, reason=str(reason), hint="check the bridge's ACL")
+                self.on_refused()
+        finally:  # whatever happened above, the publish's waiter is resolved
+            self._on_publish(paho, userdata, mid, reason, properties)
 
     async def subscribe(self, filters: list[str]) -> None:
         # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.

@@ -77,6 +77,11 @@ class BufferedWrites:
     What the socket does not take stays here, in order, ahead of anything paho writes later, and
     keeps paho asking for writable events (``want_write``) until it is out. Past ``LIMIT`` bytes
     paho is told the socket would block, so it keeps the rest queued as it does for a full socket.
+
+    For paho a packet is written once it is here: a QoS 0 publish counts as published (its
+    ``on_publish``, ``wait_for_publish``) before it reaches the socket, and a connection that breaks
+    before the flush loses it. The bridge relies on neither: its QoS 1 publishes wait for the
+    broker's PUBACK, and an unsent PUBACK gets its message redelivered.
     """
 
     LIMIT = 262_144
@@ -137,6 +142,8 @@ class BufferedWrites:
         try:
             sent = sock.send(data)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            # TLS: the retry must start with these same bytes (it may be longer, never shorter or
+            # reordered); CPython lets OpenSSL accept the moved, grown buffer.
             sent = 0
         except OSError:
             return False
