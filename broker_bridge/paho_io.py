@@ -109,7 +109,7 @@ class BufferedWrites:
             raise BlockingIOError
         if buf[:1] and buf[0] & 0xF0 == DISCONNECT:
             # paho closes the socket right after this packet: it and everything before it go now.
-            self._flush()
+            self._flush()  # on a lost connection it drops the rest, and paho's own send reports the loss
             if self._size:
                 raise BlockingIOError  # the rest first, on the next writable event
             self.sends += 1
@@ -126,26 +126,28 @@ class BufferedWrites:
         if rc != mqtt.MQTT_ERR_SUCCESS or not self._size:
             return rc
         if not self._flush():
-            self._chunks, self._size = [], 0
             return self._paho._loop_rc_handle(mqtt.MQTT_ERR_CONN_LOST)
         if not self.want_write():
             self._paho._call_socket_unregister_write()
         return mqtt.MQTT_ERR_SUCCESS
 
     def _flush(self) -> bool:
-        """Send what is collected, as much as the socket takes; False: the connection is lost."""
-        sock = self._paho._sock
-        if not self._size or sock is None:
-            return sock is not None
+        """Send what is collected, as much as the socket takes; False: the connection is lost, and
+        what was collected for it with it."""
+        if not self._size:
+            return True
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self.sends += 1
         try:
+            if (sock := self._paho._sock) is None:
+                raise ConnectionError("no socket")
+            self.sends += 1
             sent = sock.send(data)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             # TLS: the retry must start with these same bytes (it may be longer, never shorter or
             # reordered); CPython lets OpenSSL accept the moved, grown buffer.
             sent = 0
         except OSError:
+            self._chunks, self._size = [], 0
             return False
         rest = data[sent:]
         self._chunks, self._size = ([rest], len(rest)) if rest else ([], 0)
@@ -154,8 +156,7 @@ class BufferedWrites:
     def _closing(self, close: Callable[[], None]) -> Callable[[], None]:
         def sock_close() -> None:
             """Whatever paho closes the socket for, what it already counts as sent goes first."""
-            if self._size:
-                self._flush()
+            self._flush()
             self._chunks, self._size = [], 0
             close()
 

@@ -22,12 +22,23 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
             return bytes([0x30]) + bytes(length) + body
 
 
-class Rig:
+class PahoOnSocketPair:
+    """A paho client on one end of a socket pair, as if connected; the test plays the broker."""
+
     def __init__(self) -> None:
         self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         self.ours, self.broker = socket.socketpair()
         self.ours.setblocking(False)
-        self.paho._sock = self.ours  # as if connected (paho internal, as in the bridge)
+        self.paho._sock = self.ours  # paho internal, as in the bridge
+
+    def close(self) -> None:
+        self.ours.close()
+        self.broker.close()
+
+
+class Rig(PahoOnSocketPair):
+    def __init__(self) -> None:
+        super().__init__()
         self.received: list[tuple[str, bytes]] = []
         self.paho.on_message = lambda client, userdata, message: self.received.append((message.topic, message.payload))
         self.syscalls = 0
@@ -45,8 +56,7 @@ class Rig:
 def rig() -> Iterator[Rig]:
     made = Rig()
     yield made
-    made.ours.close()
-    made.broker.close()
+    made.close()
 
 
 def test_a_burst_of_packets_is_parsed_from_one_recv(rig: Rig) -> None:

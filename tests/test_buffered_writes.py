@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
@@ -10,19 +9,16 @@ import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
 from broker_bridge.paho_io import BufferedWrites
-from tests.test_buffered_reads import publish_packet
+from tests.test_buffered_reads import PahoOnSocketPair, publish_packet
 
 
-class Rig:
-    """A paho client on one end of a socket pair, driven as aiomqtt drives it: ``loop_write`` is
-    called while it has asked for writable events (``registered``)."""
+class Rig(PahoOnSocketPair):
+    """Driven as aiomqtt drives paho: ``loop_write`` is called while it has asked for writable
+    events (``registered``)."""
 
     def __init__(self) -> None:
-        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        self.ours, self.broker = socket.socketpair()
-        self.ours.setblocking(False)
+        super().__init__()
         self.broker.settimeout(5)
-        self.paho._sock = self.ours  # as if connected (paho internal, as in the bridge)
         self.registered = False
         self.paho.on_socket_register_write = lambda client, userdata, sock: self._register(True)
         self.paho.on_socket_unregister_write = lambda client, userdata, sock: self._register(False)
@@ -50,8 +46,7 @@ class Rig:
 def rig() -> Iterator[Rig]:
     made = Rig()
     yield made
-    made.ours.close()
-    made.broker.close()
+    made.close()
 
 
 def test_a_pass_over_the_queue_is_one_send(rig: Rig) -> None:

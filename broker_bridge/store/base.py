@@ -66,15 +66,18 @@ class Delivery:
     target: Target
     observe: bool  # False once the device asked {"observe": false}
     format: Format  # the format the device last polled with
-    retained: bool  # a non-empty list may still be retained on the broker for this target
     commands: tuple[Command, ...]
-    retained_format: Format | None = None  # with retained: the format whose topic holds that list
+    # A non-empty list may still be retained on the broker for this target, on this format's topic.
+    retained_format: Format | None = None
+
+    @property
+    def retained(self) -> bool:
+        return self.retained_format is not None
 
     @property
     def retained_elsewhere(self) -> Format | None:
         """The format of a retained list left on another format's topic (the device switched)."""
-        moved = self.retained and self.retained_format not in (None, self.format)
-        return self.retained_format if moved else None
+        return None if self.retained_format == self.format else self.retained_format
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -105,7 +105,7 @@ class MemoryStore:
 
     async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
         self._observers[target] = (self._observes(target) if observe is None else observe, fmt)
-        moved = target in self._retained and self._retained[target] != fmt
+        moved = self._retained.get(target) not in (None, fmt)
         return Polled(commands=self._outstanding(target, now), moved=moved)
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
@@ -124,7 +124,6 @@ class MemoryStore:
             target=target,
             observe=observe,
             format=fmt,
-            retained=target in self._retained,
             commands=outstanding,
             retained_format=self._retained.get(target),
         )

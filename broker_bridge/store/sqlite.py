@@ -182,7 +182,7 @@ class SqliteStore(SqliteDevices):
             delivery = _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
                 conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), delivery.format.value))
-                delivery = dataclasses.replace(delivery, retained=True, retained_format=delivery.format)
+                delivery = dataclasses.replace(delivery, retained_format=delivery.format)
             return Created(command=command, created=True, delivery=delivery)
 
         result: Created = await self._submit(op, writes=True)
@@ -239,11 +239,11 @@ class SqliteStore(SqliteDevices):
 
     async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
         def op(conn: Conn) -> Polled:
-            old_observe, old_fmt, retained, retained_fmt = _observer(conn, target)
+            old_observe, old_fmt, retained_fmt = _observer(conn, target)
             new_observe = old_observe if observe is None else observe
             if (new_observe, fmt) != (old_observe, old_fmt):
                 conn.execute(rows.UPSERT_OBSERVER, rows.observer_params(target, new_observe, fmt))
-            return Polled(commands=_outstanding(conn, target, now), moved=retained and retained_fmt != fmt)
+            return Polled(commands=_outstanding(conn, target, now), moved=retained_fmt not in (None, fmt))
 
         result: Polled = await self._submit(op, writes=True)
         return result
@@ -256,9 +256,8 @@ class SqliteStore(SqliteDevices):
         params = rows.target_params(target)
 
         def op(conn: Conn) -> None:
-            if retained:
-                marked = _observer(conn, target)[1] if fmt is None else fmt  # Format.PLAIN is ''
-                conn.execute(rows.MARK_RETAINED, (*params, marked.value))
+            if retained:  # NULL: the observer's format (Format.PLAIN is '', so test for None)
+                conn.execute(rows.MARK_RETAINED, (*params, None if fmt is None else fmt.value))
             else:
                 conn.execute(rows.CLEAR_RETAINED, (*params, *params))
 
@@ -435,25 +434,19 @@ def _report_one(conn: Conn, target: Target, command_id: int, report: Report) -> 
     return outcome
 
 
-def _observer(conn: Conn, target: Target) -> tuple[bool, Format, bool, Format]:
-    """observe, format, retained, and the format whose topic holds the retained list."""
+def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | None]:
+    """observe, format, and the format whose topic holds a retained list (None: none is)."""
     found = list(conn.execute(rows.SELECT_OBSERVER, rows.target_params(target)))
     if not found:
-        return True, Format.PLAIN, False, Format.PLAIN
-    observe, fmt, retained, retained_fmt = found[0]
-    return bool(observe), Format(fmt), bool(retained), Format(retained_fmt)
+        return True, Format.PLAIN, None
+    observe, fmt, retained_fmt = found[0]
+    return bool(observe), Format(fmt), None if retained_fmt is None else Format(retained_fmt)
 
 
 def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
-    observe, fmt, retained, retained_fmt = _observer(conn, target)
-    return Delivery(
-        target=target,
-        observe=observe,
-        format=fmt,
-        retained=retained,
-        commands=_outstanding(conn, target, now),
-        retained_format=retained_fmt if retained else None,
-    )
+    observe, fmt, retained_fmt = _observer(conn, target)
+    commands = _outstanding(conn, target, now)
+    return Delivery(target=target, observe=observe, format=fmt, commands=commands, retained_format=retained_fmt)
 
 
 def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:

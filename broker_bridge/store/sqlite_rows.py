@@ -48,7 +48,8 @@ OPEN_COUNT = (
     "SELECT count(*) FROM commands WHERE app_version = ? AND endpoint_token = ? AND state IN ('pending', 'in_progress')"
 )
 SELECT_OBSERVER = (
-    f"SELECT observe, format, retained, coalesce(retained_format, format) FROM observers WHERE {TARGET_WHERE}"
+    "SELECT observe, format, CASE WHEN retained = 1 THEN coalesce(retained_format, format) END "
+    f"FROM observers WHERE {TARGET_WHERE}"
 )
 # A retained list stays recorded under the format it was published in when the device switches.
 UPSERT_OBSERVER = (
