@@ -52,12 +52,14 @@ PENDING_CALLS_WARN = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """A message the broker handed the bridge; ``mid`` is the MQTT packet id to acknowledge (0: none)."""
+    """A message the broker handed the bridge; ``mid`` is the MQTT packet id to acknowledge (0: none),
+    ``release`` the embedded broker's pending PUBACK to the publisher (None: none)."""
 
     topic: str
     payload: bytes
     qos: int
     mid: int = 0
+    release: Callable[[], None] | None = None
 
 
 class Link(Protocol):

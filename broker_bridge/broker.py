@@ -28,6 +28,7 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import IncomingApplicationMessage, Session
 
 from broker_bridge.bridge import Delivered
+from broker_bridge.broker_acks import AckHolder, DeferredAck
 from broker_bridge.broker_auth import (
     PRINCIPAL,
     Access,
@@ -208,23 +209,32 @@ class LinkClosed(aiomqtt.MqttError):
     """The in-process session is gone: the embedded broker is shutting down."""
 
 
-class _Sink:
+class _Sink(AckHolder):
     """What amqtt's routing calls on a session's protocol handler (amqtt 0.12.1 internal contract:
-    ``Broker._run_broadcast`` calls ``mqtt_publish``, session cleanup and takeover ``stop`` and
-    ``handle_connection_closed``), for the in-process bridge session."""
+    session cleanup and takeover call ``stop`` and ``handle_connection_closed``; retained messages
+    come through ``mqtt_publish``), for the in-process bridge session. Live messages come through
+    ``take`` (GuardedBroker's routing), with the publisher's PUBACK held until the bridge acks."""
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[Delivered | None] = asyncio.Queue()
         self.closed = False
 
+    def take(self, topic: str, data: bytes, qos: int, ack: DeferredAck | None) -> None:
+        # Called in routing order, so the inbox keeps the order the broker routed messages in (per
+        # publisher: the order they were sent). Replies are what the bridge itself publishes (MQTT 5
+        # "no local", as on external brokers); they are not the bridge's to hold.
+        if self.closed or topic.rsplit("/", 1)[-1] in _REPLY_LEVELS:
+            return
+        if ack is None:
+            self.inbox.put_nowait(Delivered(topic, data, qos))
+            return
+        ack.hold()
+        self.inbox.put_nowait(Delivered(topic, data, qos, release=ack.release))
+
     async def mqtt_publish(
         self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool, ack_timeout: Any = None
     ) -> None:
-        # Synchronous up to here: amqtt starts one task per delivery in routing order, so the inbox
-        # gets messages in the order the broker routed them (per publisher: the order they were sent).
-        # Replies are what the bridge itself publishes (MQTT 5 "no local", as on external brokers).
-        if not self.closed and topic.rsplit("/", 1)[-1] not in _REPLY_LEVELS:
-            self.inbox.put_nowait(Delivered(topic, bytes(data), qos or 0))
+        self.take(topic, bytes(data), qos or 0, None)
 
     async def stop(self) -> None:
         self.close()
@@ -247,9 +257,10 @@ class InProcessLink:
     it receives through a session whose protocol handler is a queue. Measured: the bridge's own TCP
     session cost the process 32 of about 46 MQTT packet encodings and decodings per command.
 
-    Acknowledgement has nothing to protect here: amqtt acknowledged the device's PUBLISH before
-    routing it and keeps nothing across a restart, so ``ack`` is a no-op. A crash loses what is
-    queued, as it loses amqtt's queues; what the bridge committed is republished on start.
+    ``ack`` sends the device's PUBACK (broker_acks): a device's QoS 1 message is acknowledged only
+    once the bridge has committed and answered it, as on an external broker. What is queued here at
+    a crash or stop was never acknowledged, so the device sends it again; what the bridge committed
+    is republished on start.
     """
 
     def __init__(self, broker: GuardedBroker, client_id: str, principal: Principal) -> None:
@@ -299,7 +310,8 @@ class InProcessLink:
         return future
 
     def ack(self, message: Delivered) -> None:
-        pass
+        if message.release is not None:
+            message.release()
 
     async def _deliver(self) -> None:
         loop = asyncio.get_running_loop()

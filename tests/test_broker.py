@@ -331,6 +331,13 @@ async def linked(port: int, seen: Seen) -> AsyncIterator[InProcessLink]:
         yield running.link
 
 
+async def wait_until(condition: Callable[[], bool], within_s: float = TIMEOUT) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def next_message(messages: AsyncIterator[Delivered]) -> Delivered:
     return await asyncio.wait_for(anext(messages), TIMEOUT)
 
@@ -342,15 +349,70 @@ async def test_link_receives_in_publish_order(linked: InProcessLink, port: int, 
     async with aiomqtt.Client("127.0.0.1", port, identifier="dev-order", max_inflight_messages=200) as dev:
         # All in flight at once, so the broker's reading, routing and delivery overlap.
         topic = f"kp1/{app_version}/cex/{endpoint}/result/reboot"
+        reading = asyncio.create_task(take_and_ack(linked, messages, 200))
         await asyncio.gather(*(dev.publish(f"{topic}/{n}", str(n).encode(), qos=1) for n in range(200)))
-    got = [await next_message(messages) for _ in range(200)]
+        got = await reading
     assert [m.payload for m in got] == [str(n).encode() for n in range(200)]
     assert {(m.topic.rsplit("/", 1)[0], m.qos) for m in got} == {(f"kp1/{app_version}/cex/{endpoint}/result/reboot", 1)}
     await linked.send(status_topic(app_version, endpoint), PAYLOAD, qos=1)  # matches command/#: a reply
     async with aiomqtt.Client("127.0.0.1", port, identifier="dev-after") as dev:
+        reading = asyncio.create_task(take_and_ack(linked, messages, 1))
         await dev.publish(f"kp1/{app_version}/cex/{endpoint}/command/reboot", b"{}", qos=1)
-    assert (await next_message(messages)).topic == f"kp1/{app_version}/cex/{endpoint}/command/reboot"
+    assert (await reading)[0].topic == f"kp1/{app_version}/cex/{endpoint}/command/reboot"
     assert linked.queued == 0
+
+
+async def test_device_publish_acknowledged_only_once_the_bridge_acks(
+    linked: InProcessLink, port: int, app_version: str
+) -> None:
+    """A device's QoS 1 result gets its PUBACK once the bridge acks it, not when the broker queued it;
+    a publish the bridge does not take is acknowledged at once."""
+    messages = linked.messages()
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-ack") as dev:
+        await asyncio.wait_for(dev.publish(f"elsewhere/{token()}", b"x", qos=1), TIMEOUT)
+        result = asyncio.create_task(dev.publish(f"kp1/{app_version}/cex/{token()}/result/reboot", b"[]", qos=1))
+        message = await next_message(messages)
+        await asyncio.sleep(QUIET)
+        assert not result.done(), "PUBACKed before the bridge handled the message"
+        linked.ack(message)
+        await asyncio.wait_for(result, TIMEOUT)
+
+
+async def test_unacked_messages_stay_unacknowledged_after_the_link_closes(
+    port: int, seen: Seen, app_version: str
+) -> None:
+    """A backlog the bridge never handled (a stop) was never acknowledged: the device still owns it."""
+    async with EmbeddedBroker(
+        host="127.0.0.1", port=port, bridge_client_id=BRIDGE_ID, on_endpoint_seen=seen, in_process_bridge=True
+    ) as running:
+        await running.link.subscribe(["kp1/+/cex/+/result/#"])
+        acked: list[int] = []
+        dev = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-backlog")
+        dev.on_publish = lambda _c, _u, mid, _rc, _p: acked.append(mid)
+        dev.connect("127.0.0.1", port)
+        dev.loop_start()
+        try:
+            topic = f"kp1/{app_version}/cex/{token()}/result/reboot"
+            mids = [dev.publish(topic, str(n), qos=1).mid for n in range(50)]
+            messages = running.link.messages()
+            first = [await next_message(messages) for _ in range(10)]
+            for message in first:
+                running.link.ack(message)
+            await wait_until(lambda: len(acked) >= 10)
+            await asyncio.sleep(QUIET)
+            assert sorted(acked) == sorted(mids[:10])
+        finally:
+            dev.disconnect()
+            await asyncio.to_thread(dev.loop_stop)
+
+
+async def take_and_ack(link: InProcessLink, messages: AsyncIterator[Delivered], count: int) -> list[Delivered]:
+    """What the bridge does: take each message, then acknowledge it."""
+    got = []
+    for _ in range(count):
+        got.append(message := await next_message(messages))
+        link.ack(message)
+    return got
 
 
 async def test_link_retains_and_clears(linked: InProcessLink, port: int, app_version: str) -> None:
