@@ -683,6 +683,8 @@ async def test_in_process_bridge_id_refuses_even_the_bridge_password(
         await assert_refused(port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID)
         await assert_refused(port, BRIDGE_ID, BRIDGE_SECRET, identifier=BRIDGE_ID, clean_session=False)
         async with client(port, **user("devA")) as dev_a:
-            await dev_a.publish(f"kp1/{app_version}/cex/devA/command/reboot", b"{}")
-        received = await asyncio.wait_for(anext(messages), 5)
+            publishing = asyncio.create_task(dev_a.publish(f"kp1/{app_version}/cex/devA/command/reboot", b"{}"))
+            received = await asyncio.wait_for(anext(messages), 5)
+            running.link.ack(received)  # the PUBACK waits for the bridge's ack
+            await asyncio.wait_for(publishing, 5)
         assert received.topic == f"kp1/{app_version}/cex/devA/command/reboot"
