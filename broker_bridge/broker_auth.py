@@ -595,7 +595,9 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             if ack is not None:
                 ack.release()
 
-    async def _route(self, broadcast: dict[str, Any], running_tasks: deque[asyncio.Task[Any]], ack: Any) -> None:
+    async def _route(
+        self, broadcast: dict[str, Any], running_tasks: deque[asyncio.Task[Any]], ack: DeferredAck | None
+    ) -> None:
         # amqtt's _run_broadcast, with the matching filters looked up in the index instead of testing every
         # filter (O(subscriptions) per message: 9% of the embedded service's CPU with 100 devices).
         topic = broadcast["topic"]

@@ -20,6 +20,7 @@ from broker_bridge.service import CommandService
 from broker_bridge.store import CommandQuery
 from broker_bridge.store.sqlite import SqliteStore
 from broker_bridge.topics import Target
+from tests import raw_mqtt
 from tests.test_process import ServeProcess, serve  # noqa: F401 - the fixture
 
 TOTAL = 3000
@@ -27,25 +28,10 @@ WAIT_S = 30.0
 PUBACK, PUBLISH = 0x40, 0x30
 
 
-def _packet(first_byte: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
-    while True:
-        length, digit = divmod(length, 128)
-        encoded.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes([first_byte, *encoded]) + body
-
-
-def _string(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def connect_packet(client_id: str) -> bytes:
-    return _packet(0x10, _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode()))
-
-
 def publish_qos1(topic: str, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
-    return _packet(0x32 | (0x08 if dup else 0), _string(topic.encode()) + struct.pack("!H", packet_id) + payload)
+    return raw_mqtt.packet(
+        0x32 | (0x08 if dup else 0), raw_mqtt.mqtt_string(topic.encode()) + struct.pack("!H", packet_id) + payload
+    )
 
 
 class RawDevice:
@@ -58,7 +44,7 @@ class RawDevice:
     @classmethod
     async def connect(cls, port: int, client_id: str) -> RawDevice:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(connect_packet(client_id))
+        writer.write(raw_mqtt.connect(client_id))
         connack = await asyncio.wait_for(reader.readexactly(4), WAIT_S)
         assert connack == b"\x20\x02\x00\x00", connack
         return cls(reader, writer)
@@ -77,7 +63,7 @@ class RawDevice:
                 elif head[0] & 0xF0 == PUBLISH and head[0] & 0x06:
                     topic_length = struct.unpack("!H", body[:2])[0]
                     packet_id = body[2 + topic_length : 4 + topic_length]
-                    self.writer.write(_packet(PUBACK, packet_id))
+                    self.writer.write(raw_mqtt.packet(PUBACK, packet_id))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

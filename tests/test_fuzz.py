@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import re
-import struct
 import sys
 import time
 from collections import Counter
@@ -40,6 +39,8 @@ from broker_bridge.store.sqlite import SqliteStore
 from broker_bridge.topics import Codec
 from tests.conftest import MosquittoProcess, free_port
 from tests.harness import WAIT_S, Probe, make_settings, probe, running_service
+from tests.raw_mqtt import connect as raw_connect
+from tests.raw_mqtt import publish as raw_publish
 
 FUZZ_COUNT = int(os.environ.get("BROKER_BRIDGE_FUZZ_COUNT") or 100_000)
 FUZZ_SEED = int(os.environ.get("BROKER_BRIDGE_FUZZ_SEED") or random.SystemRandom().randrange(1, 2**32))
@@ -791,40 +792,22 @@ def reply_filters(device_depth: int = 5, admin_depth: int = 7) -> list[str]:
 
 
 # -- clients that break the rules ------------------------------------------------------------------
-def _mqtt_string(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(first_byte: int, body: bytes) -> bytes:
-    size, encoded = len(body), bytearray()
-    while True:
-        size, digit = divmod(size, 128)
-        encoded.append(digit | (0x80 if size else 0))
-        if not size:
-            return bytes([first_byte, *encoded]) + body
-
-
-def _connect(client_id: str) -> bytes:
-    return _packet(0x10, _mqtt_string(b"MQTT") + b"\x04\x02\x00\x3c" + _mqtt_string(client_id.encode()))
-
-
-def _publish(topic: bytes, payload: bytes) -> bytes:
-    return _packet(0x30, _mqtt_string(topic) + payload)
-
-
 async def misbehave(port: int, av: str) -> Counter[str]:
     """Throwaway connections that send what MQTT forbids; returns how the broker took each."""
     base = f"kp1/{av}/cex/p1/command"
     sends = {
-        "plus in topic": [_publish(f"{base}/re+boot/1".encode(), b"{}"), _publish(f"{base}/reboot".encode(), b"{}")],
-        "hash in topic": [_publish(f"{base}/#".encode(), b"{}")],
-        "NUL in topic": [_publish(f"kp1/{av}/cex/p\x001/command/reboot".encode(), b"{}")],
-        "invalid UTF-8 topic": [_publish(f"{base}/reboot/".encode() + b"\xff\xfe", b"{}")],
-        "empty topic": [_publish(b"", b"{}")],
-        "$ topic": [_publish(b"$SYS/broker", b"{}")],
-        "publish before connect": [_publish(f"{base}/reboot".encode(), b"{}")],
+        "plus in topic": [
+            raw_publish(f"{base}/re+boot/1".encode(), b"{}"),
+            raw_publish(f"{base}/reboot".encode(), b"{}"),
+        ],
+        "hash in topic": [raw_publish(f"{base}/#".encode(), b"{}")],
+        "NUL in topic": [raw_publish(f"kp1/{av}/cex/p\x001/command/reboot".encode(), b"{}")],
+        "invalid UTF-8 topic": [raw_publish(f"{base}/reboot/".encode() + b"\xff\xfe", b"{}")],
+        "empty topic": [raw_publish(b"", b"{}")],
+        "$ topic": [raw_publish(b"$SYS/broker", b"{}")],
+        "publish before connect": [raw_publish(f"{base}/reboot".encode(), b"{}")],
         "garbage": [b"\xff" * 64],
-        "truncated publish": [_publish(f"{base}/reboot".encode(), b"{}" * 100)[:40]],
+        "truncated publish": [raw_publish(f"{base}/reboot".encode(), b"{}" * 100)[:40]],
         "huge remaining length": [b"\x30\xff\xff\xff\x7f" + b"x" * 100],
     }
     outcomes: Counter[str] = Counter()
@@ -832,7 +815,7 @@ async def misbehave(port: int, av: str) -> Counter[str]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             if name not in ("publish before connect", "garbage"):
-                writer.write(_connect(f"misbehaving-{serial}"))
+                writer.write(raw_connect(f"misbehaving-{serial}"))
             for data in packets:
                 writer.write(data)
             await writer.drain()
