@@ -79,12 +79,35 @@ class Link(Protocol):
         ...
 
 
+def client_options(address: BrokerAddress, client_id: str | None) -> dict[str, Any]:
+    """How every aiomqtt client of broker-bridge reaches a broker: the bridge's session, the CLI's
+    flush of its changes and the device simulator (login and TLS from the broker URL; client id
+    None: a random one)."""
+    return {
+        "hostname": address.host,
+        "port": address.port,
+        "username": address.username,
+        "password": address.password,
+        "identifier": client_id,
+        "socket_options": [NODELAY],
+        "tls_context": ssl.create_default_context() if address.tls else None,
+    }
+
+
 class MqttLink:
     """A ``Link`` over an aiomqtt client: QoS 1 messages are acknowledged only once handled."""
 
-    def __init__(self, client: aiomqtt.Client, *, mqtt5: bool, on_refused: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        *,
+        mqtt5: bool,
+        on_refused: Callable[[], None] = lambda: None,
+        share_group: str | None = None,
+    ) -> None:
         self.client = client
         self.mqtt5 = mqtt5
+        self.share_group = share_group
         self.on_refused = on_refused
         # aiomqtt 2.5 internal: its paho client. A QoS 1 message is acknowledged only once handled
         # (committed and answered), so the broker redelivers what a crash interrupted.
@@ -111,8 +134,12 @@ class MqttLink:
 
     async def subscribe(self, filters: list[str]) -> None:
         # MQTT 5 "no local": the broker does not hand the bridge its own pushes and replies back.
+        # A shared subscription may not ask for it (MQTT 5, 3.8.3.1): a member is then handed some
+        # of the instances' own publishes, and drops them as it drops foreign topics.
         for topic_filter in filters:
-            if self.mqtt5:
+            if self.share_group is not None:
+                await self.client.subscribe(f"$share/{self.share_group}/{topic_filter}", qos=1)
+            elif self.mqtt5:
                 await self.client.subscribe(topic_filter, options=SubscribeOptions(qos=1, noLocal=True))
             else:
                 await self.client.subscribe(topic_filter, qos=1)
@@ -150,8 +177,12 @@ class Bridge:
         on_refused: Callable[[], None] = lambda: None,
         mqtt5: bool = False,
         local: Link | None = None,
+        share_group: str | None = None,
     ) -> None:
+        """``share_group``: subscribe as a member of this MQTT 5 shared-subscription group, so each
+        inbound message reaches one of the instances."""
         self.service = service
+        self.share_group = share_group
         self.outbox = outbox
         self.address = address
         self.scheme = scheme
@@ -171,17 +202,11 @@ class Bridge:
     # -- connection ---------------------------------------------------------------------------
     def _client(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            username=self.address.username,
-            password=self.address.password,
-            identifier=self.client_id,
+            **client_options(self.address, self.client_id),
             **self._session_options(),
             keepalive=30,
             timeout=10,
             max_inflight_messages=1000,
-            socket_options=[NODELAY],
-            tls_context=ssl.create_default_context() if self.address.tls else None,
         )
         # aiomqtt warns on every call once more than 10 are pending; under load that is a log line
         # per publish (measured: 4.5% of the bridge's CPU). Hundreds in flight are normal here.
@@ -207,7 +232,10 @@ class Bridge:
                     await self._serve(self.local)
                 else:
                     async with self._client() as client:
-                        await self._serve(MqttLink(client, mqtt5=self.mqtt5, on_refused=self.on_refused))
+                        link = MqttLink(
+                            client, mqtt5=self.mqtt5, on_refused=self.on_refused, share_group=self.share_group
+                        )
+                        await self._serve(link)
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
                 error = str(group.exceptions[0])
             self.connected.clear()
@@ -221,7 +249,13 @@ class Bridge:
     async def _serve(self, link: Link) -> None:
         await link.subscribe(self.scheme.bridge_filters())
         if self.local is None:
-            log.info("mqtt_connected", host=self.address.host, port=self.address.port, client_id=self.client_id)
+            log.info(
+                "mqtt_connected",
+                host=self.address.host,
+                port=self.address.port,
+                client_id=self.client_id,
+                share_group=self.share_group,
+            )
         else:
             log.info("broker_attached", mode="in-process", client_id=self.client_id)
         self._attempt = 0

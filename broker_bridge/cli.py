@@ -16,7 +16,7 @@ import aiomqtt
 
 from broker_bridge import logs, runtime
 from broker_bridge.api import views
-from broker_bridge.bridge import NODELAY
+from broker_bridge.bridge import client_options
 from broker_bridge.commands import Command, CommandState, rfc3339, to_record
 from broker_bridge.config import Settings, load_settings
 from broker_bridge.device import DeviceSimulator, parse_answer
@@ -25,7 +25,6 @@ from broker_bridge.outbox import Outbox, Publication
 from broker_bridge.protocol import decode
 from broker_bridge.service import CommandService
 from broker_bridge.store import CommandQuery
-from broker_bridge.store.sqlite import SqliteStore
 from broker_bridge.topics import Codec, Format, make_target
 
 EXIT_ERROR = 1
@@ -34,7 +33,9 @@ EXIT_USAGE = 2
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $BROKER_BRIDGE_CONFIG)")
-    parser.add_argument("--db", type=Path, help="SQLite database file (default: ./broker-bridge.db)")
+    parser.add_argument(
+        "--db", help="SQLite database file (default: ./broker-bridge.db) or a postgresql:// URL (libpq URI)"
+    )
     parser.add_argument("--mqtt-listen", help="embedded broker address HOST:PORT (default 127.0.0.1:1883)")
     parser.add_argument("--broker-url", help="external broker, mqtt://user:pass@host:port; no embedded broker")
     parser.add_argument("--log-format", choices=["console", "json"])
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service (embedded broker unless --broker-url)")
     _common(serve)
     serve.add_argument("--http-listen", help="HTTP API address HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument(
+        "--instance", help="this instance's name, unique among those sharing a database (default: host name)"
+    )
     invoke = sub.add_parser("invoke", help="invoke a command on a device")
     invoke.add_argument("app_version")
     invoke.add_argument("token")
@@ -117,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mqtt_listen=args.mqtt_listen,
             broker_url=args.broker_url,
             http_listen=getattr(args, "http_listen", None),
+            instance=getattr(args, "instance", None),
             log_format=args.log_format,
             log_level=args.log_level,
         )
@@ -141,24 +146,19 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- operator commands: the same service, on the same database, announcing through the broker -------
 async def _with_service(settings: Settings, action: Callable[[CommandService], Awaitable[Any]]) -> Any:
-    async with SqliteStore(settings.db) as store:
-        service = CommandService(store, limits=settings.limits(), retained_pushes=settings.retain)
-        outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain)
-        service.announcer = outbox
-        result = await action(service)
-        if outbox.pending:
-            await _flush(settings, outbox)
+    async with runtime.build_service(settings) as parts:
+        result = await action(parts.service)
+        if parts.outbox.pending:
+            await _flush(settings, parts.outbox)
         return result
 
 
 async def _flush(settings: Settings, outbox: Outbox) -> None:
     """Publish the events and pushes of this change, so a running service's devices get it now."""
     address = settings.broker_address()
+    client_id = f"{settings.bridge_client_id}-cli-{uuid.uuid4().hex[:8]}"
     try:
-        async with aiomqtt.Client(
-            address.host, address.port, username=address.username, password=address.password,
-            identifier=f"{settings.client_id}-cli-{uuid.uuid4().hex[:8]}", socket_options=[NODELAY], timeout=5,
-        ) as client:
+        async with aiomqtt.Client(**client_options(address, client_id), timeout=5) as client:
 
             async def publish(p: Publication) -> None:
                 await client.publish(p.topic, p.payload, qos=1, retain=p.retain)

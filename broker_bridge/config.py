@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BROKER_BRIDGE_", env_nested_delimiter="__", extra="forbid")
 
-    db: Path = Path("broker-bridge.db")
+    db: str = "broker-bridge.db"  # a SQLite file, or a postgresql:// URL (libpq URI)
     db_synchronous: Literal["full", "normal"] = "full"
     mqtt_listen: str = "127.0.0.1:1883"
     http_listen: str = "127.0.0.1:8080"
@@ -62,7 +63,10 @@ class Settings(BaseSettings):
     mqtt_password_file: Path | None = None
     mqtt_acl_file: Path | None = None
     registry_mode: RegistryMode = RegistryMode.OPEN
-    client_id: str = "broker-bridge"
+    instance: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    client_id: str | None = None  # None: broker-bridge-<instance>
+    share_group: str = Field(default="broker-bridge", pattern=r"^[^/+#$\s]+$")
+    shared_subscriptions: bool | None = None  # None: with PostgreSQL and an external broker
     retain_pushes: bool | None = None
     mqtt5: bool | None = None
     default_ttl_s: float = Field(default=DAY_S, gt=0)
@@ -74,6 +78,18 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     topics: TopicSettings = TopicSettings()
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("instance")
+    @classmethod
+    def _check_instance(cls, value: str) -> str:
+        if not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"instance names use letters, digits, '-', '_' and '.', got {value!r}")
+        return value
 
     @field_validator("mqtt_listen", "http_listen")
     @classmethod
@@ -104,6 +120,32 @@ class Settings(BaseSettings):
         return self.broker_url is None
 
     @property
+    def postgres(self) -> bool:
+        """The database is PostgreSQL (several instances may share it), not a SQLite file."""
+        return self.db.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file (only when not ``postgres``)."""
+        return Path(self.db)
+
+    @property
+    def bridge_client_id(self) -> str:
+        """The bridge's MQTT client id: stable per instance, so a restart resumes its session."""
+        return self.client_id or f"broker-bridge-{self.instance}"
+
+    @property
+    def shared(self) -> bool:
+        """Subscribe as a member of the shared-subscription group (several instances share the work)."""
+        if self.shared_subscriptions is None:
+            return self.postgres and not self.embedded
+        return self.shared_subscriptions
+
+    def db_description(self) -> str:
+        """The database for logs and messages, without a password."""
+        return redact_url(self.db) if self.postgres else self.db
+
+    @property
     def retain(self) -> bool:
         """Retained pushes by default with an external broker, where we cannot see who connects."""
         return (not self.embedded) if self.retain_pushes is None else self.retain_pushes
@@ -121,8 +163,11 @@ class Settings(BaseSettings):
 
     @property
     def api_key_file(self) -> Path:
-        """Where a generated API key is kept: next to the database."""
-        return self.db.with_name(self.db.name + ".api-key")
+        """Where a generated API key is kept: next to the SQLite file; with PostgreSQL, in the
+        working directory (instances on several machines should share configured ``api_keys``)."""
+        if self.postgres:
+            return Path("broker-bridge.api-key")
+        return self.db_path.with_name(self.db_path.name + ".api-key")
 
     def limits(self) -> Limits:
         return Limits(
@@ -152,6 +197,16 @@ def parse_broker_url(value: str) -> BrokerAddress:
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
     )
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

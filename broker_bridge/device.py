@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import aiomqtt
 
 from broker_bridge import protocol
-from broker_bridge.bridge import NODELAY
+from broker_bridge.bridge import client_options
 from broker_bridge.config import BrokerAddress
 from broker_bridge.errors import BridgeError
 from broker_bridge.topics import Format, Resource, Target, TopicScheme, parse_positive_int
@@ -78,9 +78,7 @@ class DeviceSimulator:
     async def _connect_forever(self) -> None:
         while True:
             try:
-                async with aiomqtt.Client(
-                    self.address.host, self.address.port, socket_options=[NODELAY], keepalive=10
-                ) as client:
+                async with aiomqtt.Client(**client_options(self.address, None), keepalive=10) as client:
                     await self._session(client)
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
                 self.say(event="disconnected", error=str(group.exceptions[0]))

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import structlog
 
@@ -26,6 +27,18 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 256  # publishes awaited together: enough to keep the connection's in-flight window full
 STORE_RETRY_S = 1.0  # after a database error, publishing waits this long before trying again
+LOCKED_RETRY_S = 0.05  # a target another instance is pushing is tried again after this long
+
+
+class TargetLocks(Protocol):
+    """Locks shared by every instance (``PostgresStore``'s ``PushLocks``): a target's list is read
+    and published by one instance at a time, so lists reach the broker in commit order."""
+
+    async def acquire(self, targets: Sequence[Target]) -> list[Target]:
+        """Lock what is free now; the rest are being pushed by another instance."""
+        ...
+
+    async def release(self, targets: Sequence[Target]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,10 +54,15 @@ Publish = Callable[[Publication], Awaitable[None]]
 class Outbox:
     """Implements the service's Announcer; ``run`` publishes what was announced."""
 
-    def __init__(self, service: CommandService, scheme: TopicScheme, *, retain: bool) -> None:
+    def __init__(
+        self, service: CommandService, scheme: TopicScheme, *, retain: bool, locks: TargetLocks | None = None
+    ) -> None:
+        """``locks``: several instances push (see ``TargetLocks``); each list is then read afresh
+        under its target's lock, never published straight from the change that committed it."""
         self.service = service
         self.scheme = scheme
         self.retain = retain
+        self.locks = locks
         self._events: deque[Command] = deque()
         self._expired: deque[int] = deque()  # ids whose records are fetched for their events
         self._dirty: dict[Target, None] = {}  # targets to push (their lists are read when pushed), in order
@@ -84,7 +102,7 @@ class Outbox:
         with retained pushes, is marked retained already), only while ``run`` publishes, and only for
         a target the push loop is not handling: a list it read earlier must not follow this one."""
         publish = self._live
-        if publish is None or target in self._dirty or target in self._pushing:
+        if publish is None or self.locks is not None or target in self._dirty or target in self._pushing:
             return False
         if not (delivery.observe and delivery.commands) or (self.retain and not delivery.retained):
             return False
@@ -232,11 +250,21 @@ class Outbox:
         return Publication(topic=topic, payload=encode(to_record(command), Codec.JSON))
 
     async def _flush_pushes(self, publish: Publish) -> None:
+        busy: list[Target] = []  # locked by another instance: pushed again once it is done
         while self._dirty:
             chunk = list(self._dirty)[:CHUNK]
             for target in chunk:
                 del self._dirty[target]
-                self._pushing.add(target)
+            if self.locks is not None:
+                try:
+                    locked = await self.locks.acquire(chunk)
+                except BaseException:
+                    self.republish(chunk)
+                    raise
+                got = set(locked)
+                busy.extend(t for t in chunk if t not in got)
+                chunk = locked
+            self._pushing.update(chunk)
             try:
                 await asyncio.gather(*(self._push(publish, t) for t in chunk))
             except BaseException:
@@ -244,6 +272,17 @@ class Outbox:
                 raise
             finally:
                 self._pushing.difference_update(chunk)
+                if self.locks is not None and chunk:
+                    await self._release(chunk)
+        if busy:
+            asyncio.get_running_loop().call_later(LOCKED_RETRY_S, self.republish, busy)
+
+    async def _release(self, targets: list[Target]) -> None:
+        assert self.locks is not None
+        try:
+            await self.locks.release(targets)
+        except StoreUnavailable as exc:  # the lock's connection is gone, and its locks with it
+            log.warning("push_locks_lost", reason=exc.reason)
 
     async def _push(self, publish: Publish, target: Target) -> None:
         delivery = await self.service.delivery(target)

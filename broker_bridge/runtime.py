@@ -1,13 +1,17 @@
-"""Composition root: store, embedded broker, bridge and sweepers under one TaskGroup."""
+"""Composition root: ``build_service`` assembles store, service and outbox for every entry point;
+``serve`` adds the embedded broker, the bridge, the HTTP API and the sweepers under one TaskGroup."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -16,10 +20,12 @@ from broker_bridge.api import create_app
 from broker_bridge.bridge import Bridge
 from broker_bridge.broker import EmbeddedBroker, InProcessLink
 from broker_bridge.config import Settings, parse_listen
-from broker_bridge.errors import StoreUnavailable
+from broker_bridge.errors import StartupError, StoreUnavailable
 from broker_bridge.metrics import Metrics
 from broker_bridge.outbox import Outbox
 from broker_bridge.service import Announcers, CommandService
+from broker_bridge.store import CommandStore
+from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
 from broker_bridge.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -32,20 +38,105 @@ EXPIRE_BATCH = 10_000
 SHUTDOWN_GRACE_S = 10.0
 
 
-async def serve(settings: Settings, on_ready: Callable[[CommandService], None] | None = None) -> None:
-    """Run the service until cancelled; ``on_ready`` is called once the bridge is subscribed."""
-    scheme = settings.topics.scheme()
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What ``build_service`` assembled: the store, the service and the outbox that announces its
+    changes (events and outstanding-list pushes, published by whoever holds the broker link)."""
+
+    settings: Settings
+    store: CommandStore
+    service: CommandService
+    outbox: Outbox
+    metrics: Metrics
+    postgres: PostgresStore | None
+    lease: InstanceLease | None
+
+
+@contextlib.asynccontextmanager
+async def build_service(settings: Settings, *, serving: bool = False) -> AsyncIterator[Parts]:
+    """The one place the service is put together, for ``serve``, the CLI and the device tools.
+
+    ``serving``: a long-running instance. On SQLite it takes the database file for itself (a second
+    ``serve`` on it is refused); on PostgreSQL it claims its instance name (a second instance of that
+    name is refused) and its changes name it as their announcer. One-shot CLI runs do neither."""
     metrics = Metrics()
-    async with SqliteStore(settings.db, synchronous=settings.db_synchronous) as store, AsyncExitStack() as stack:
-        http_socket = http_server.bind(*parse_listen(settings.http_listen))
-        stack.callback(http_socket.close)
-        keys = http_server.api_keys(settings.api_keys, settings.api_key_file)
-        store.on_commit = metrics.batch_size.observe
+    async with AsyncExitStack() as stack:
+        postgres: PostgresStore | None = None
+        lease: InstanceLease | None = None
+        locks: PushLocks | None = None
+        store: CommandStore
+        if settings.postgres:
+            postgres = PostgresStore(settings.db, instance=settings.instance if serving else None)
+            store = await stack.enter_async_context(postgres)
+            if serving:
+                lease = await stack.enter_async_context(
+                    InstanceLease(settings.db, settings.instance, embedded_broker=settings.embedded)
+                )
+                locks = PushLocks(settings.db)
+                stack.push_async_callback(locks.close)
+        else:
+            if serving:
+                stack.enter_context(claim_sqlite(settings.db_path))
+            sqlite = SqliteStore(settings.db_path, synchronous=settings.db_synchronous)
+            store = await stack.enter_async_context(sqlite)
+            sqlite.on_commit = metrics.batch_size.observe
+        if postgres is not None:
+            postgres.on_commit = metrics.batch_size.observe
         service = CommandService(
             store, limits=settings.limits(), registry_mode=settings.registry_mode, retained_pushes=settings.retain
         )
-        outbox = Outbox(service, scheme, retain=settings.retain)
+        outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain, locks=locks)
         service.announcer = Announcers(outbox, metrics)
+        if postgres is not None:
+            postgres.on_finished = service.finished_elsewhere
+        yield Parts(settings, store, service, outbox, metrics, postgres, lease)
+
+
+@contextlib.contextmanager
+def claim_sqlite(path: Path) -> Iterator[None]:
+    """Hold ``<db>.lock`` exclusively while serving: two processes serving one SQLite file would
+    each take the same device messages and announce each other's changes (measured: one admin
+    publish became two commands). Several instances need PostgreSQL."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another broker-bridge is already serving {path} (it holds {lock_path}); one SQLite database "
+            "serves one instance: stop the other, or run several instances on PostgreSQL "
+            "(--db postgresql://..., README 'Scaling out')"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a starting instance)
+
+
+def check_topology(settings: Settings) -> None:
+    """Refuse combinations that cannot work, naming the fix."""
+    if settings.shared and settings.embedded:
+        raise StartupError(
+            "shared_subscriptions needs an external MQTT 5 broker (--broker-url); the embedded broker "
+            "serves one instance"
+        )
+    if settings.shared and not settings.use_mqtt5:
+        raise StartupError("shared_subscriptions needs MQTT 5 (mqtt5 = true)")
+
+
+async def serve(settings: Settings, on_ready: Callable[[CommandService], None] | None = None) -> None:
+    """Run the service until cancelled; ``on_ready`` is called once the bridge is subscribed."""
+    check_topology(settings)
+    scheme = settings.topics.scheme()
+    async with build_service(settings, serving=True) as parts, AsyncExitStack() as stack:
+        service, outbox, metrics = parts.service, parts.outbox, parts.metrics
+        http_socket = http_server.bind(*parse_listen(settings.http_listen))
+        stack.callback(http_socket.close)
+        keys = http_server.api_keys(settings.api_keys, settings.api_key_file)
         address = settings.broker_address()
         local: InProcessLink | None = None
         if settings.embedded:
@@ -54,7 +145,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
                 EmbeddedBroker(
                     host=address.host,
                     port=address.port,
-                    bridge_client_id=settings.client_id,
+                    bridge_client_id=settings.bridge_client_id,
                     on_endpoint_seen=service.endpoint_seen,
                     kp1_prefix=scheme.kp1_prefix,
                     extension=scheme.extension,
@@ -69,7 +160,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             outbox,
             address=address,
             scheme=scheme,
-            client_id=settings.client_id,
+            client_id=settings.bridge_client_id,
             persistent_session=not settings.embedded,
             mqtt5=settings.use_mqtt5,
             max_payload_bytes=settings.max_payload_bytes,
@@ -77,6 +168,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             on_received=metrics.count_received,
             on_refused=metrics.refused.inc,
             local=local,
+            share_group=settings.share_group if settings.shared else None,
         )
         app = create_app(
             service,
@@ -93,6 +185,10 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
                 _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), name="expiry-sweeper"
             )
             tasks.create_task(_sweep(service.purge_finished, RETENTION_SWEEP_S), name="retention-sweeper")
+            if parts.postgres is not None:
+                tasks.create_task(parts.postgres.listen(), name="postgres-listen")
+            if parts.lease is not None:
+                tasks.create_task(parts.lease.keep(), name="instance-lease")
             tasks.create_task(_announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), name="ready")
 
 
@@ -117,7 +213,10 @@ async def _announce_ready(settings: Settings, bridge: Bridge, ready: Callable[[]
         mqtt=f"{address.host}:{address.port}",
         http=f"http://{settings.http_listen}",
         broker="embedded" if settings.embedded else "external",
-        db=str(settings.db),
+        db=settings.db_description(),
+        instance=settings.instance,
+        client_id=settings.bridge_client_id,
+        shared_subscriptions=settings.share_group if settings.shared else None,
         retained_pushes=settings.retain,
     )
 

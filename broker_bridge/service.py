@@ -18,7 +18,7 @@ import structlog
 from broker_bridge import commands
 from broker_bridge.commands import Command, NewCommand, Report
 from broker_bridge.devices import Device, resolve
-from broker_bridge.errors import BadRequest, CommandNotFound, Conflict
+from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, StoreUnavailable
 from broker_bridge.protocol import ResultItem, check_document
 from broker_bridge.registry import Registry, RegistryMode
 from broker_bridge.store import CommandQuery, CommandStore, Delivery, ReportOutcome
@@ -115,6 +115,7 @@ class CommandService:
         self.clock = clock
         self.registry = Registry(store, registry_mode, clock)
         self._waiters: dict[int, set[asyncio.Future[Command]]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()  # reads for waiters woken by another instance
 
     # -- operator side ------------------------------------------------------------------------
     async def invoke(
@@ -280,6 +281,25 @@ class CommandService:
             return command
         finally:
             self._drop_waiter(command_id, waiter)
+
+    def finished_elsewhere(self, command_ids: Sequence[int]) -> None:
+        """Another instance finished these commands (PostgreSQL NOTIFY): wake whoever waits here.
+
+        Only a wake-up: waiters also re-read every RECHECK_S, so a lost notification costs time only."""
+        waited = [command_id for command_id in command_ids if command_id in self._waiters]
+        if waited:
+            task = asyncio.ensure_future(self._wake_from_store(waited))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _wake_from_store(self, command_ids: list[int]) -> None:
+        try:
+            found = await self.store.get_many(command_ids)
+        except StoreUnavailable:
+            return
+        for command in found:
+            if not command.is_open:
+                self._wake_waiters(command)
 
     def _drop_waiter(self, command_id: int, waiter: asyncio.Future[Command]) -> None:
         waiters = self._waiters.get(command_id)

@@ -108,3 +108,43 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     broker.start()
     yield broker
     broker.stop()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[str]:
+    """An admin URL of a PostgreSQL server: $BROKER_BRIDGE_TEST_POSTGRES, the machine's on
+    127.0.0.1:5432, or one started for this test run with initdb + pg_ctl on a free port."""
+    from tests import pg
+
+    configured = os.environ.get(pg.ADMIN_ENV)
+    if configured:
+        if not pg.reachable(configured):
+            skip_or_fail(f"no PostgreSQL at {pg.ADMIN_ENV}={configured}")
+        yield configured
+        return
+    if pg.reachable(pg.MACHINE_ADMIN):
+        yield pg.MACHINE_ADMIN
+        return
+    if pg.binaries() is None or shutil.which("psql") is None:
+        skip_or_fail("no PostgreSQL on 127.0.0.1:5432 and none installed (Debian package 'postgresql')")
+    own = pg.OwnPostgres()
+    try:
+        own.init()
+        own.start()
+        own.wait_ready()
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        own.remove()
+        skip_or_fail(f"cannot start a PostgreSQL of the tests' own: {exc}")
+    yield own.admin_url
+    own.remove()
+
+
+@pytest.fixture
+def pg_url(postgres_admin: str) -> Iterator[str]:
+    """A database of this test's own, dropped after it."""
+    from tests import pg
+
+    url = pg.create_database(postgres_admin)
+    yield url
+    pg.drop_database(postgres_admin, url)

@@ -190,7 +190,7 @@ def assert_error(response: httpx.Response, status: int, *reason_parts: str) -> N
 
 async def stored_counts(settings: Settings) -> tuple[int, int]:
     """How many devices and commands the database holds."""
-    async with SqliteStore(settings.db) as store:
+    async with SqliteStore(settings.db_path) as store:
         return await store.count_devices(), await store.count(CommandQuery())
 
 

@@ -104,7 +104,7 @@ async def test_progress_report_then_final(env: Env) -> None:
 async def _stored(env: Env, command_id: int) -> dict:
     from broker_bridge.commands import to_record
 
-    async with SqliteStore(env.settings.db) as store:
+    async with SqliteStore(env.settings.db_path) as store:
         command = await store.get(command_id)
     assert command is not None
     return to_record(command)

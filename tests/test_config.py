@@ -17,7 +17,7 @@ def test_defaults_are_zero_config() -> None:
     settings = load_settings()
     assert settings.embedded
     assert settings.mqtt_listen == "127.0.0.1:1883"
-    assert settings.db == Path("broker-bridge.db")
+    assert settings.db_path == Path("broker-bridge.db")
     assert not settings.retain
 
 

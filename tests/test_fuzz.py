@@ -995,7 +995,7 @@ async def test_fuzz_bridge_survives_and_answers_by_contract(
     async with running_service(settings):
         world = await build_world(port, app_version, fuzz_av, settings.max_payload_bytes)
         ids = [*world.real_ids, world.fin_executed, world.fin_cancelled]
-        before = await stored_records(settings.db, ids)
+        before = await stored_records(settings.db_path, ids)
         assert all(before[r["id"]] == r for records in world.real.values() for r in records)
         ledger = Ledger(world, FUZZ_SEED)
         client = aiomqtt.Client("127.0.0.1", port, identifier=f"fuzzer-{port}", max_inflight_messages=1000)
@@ -1022,7 +1022,7 @@ async def test_fuzz_bridge_survives_and_answers_by_contract(
         assert bridge_logs.alarms[alarms_before:] == []
         assert bridge_logs.stdlib_errors() == []
         await round_trip(port, app_version)
-        assert await stored_records(settings.db, ids) == before
+        assert await stored_records(settings.db_path, ids) == before
 
 
 # -- a smaller, shrinking fuzz: hypothesis draws the topics and bodies ---------------------------------

@@ -152,7 +152,7 @@ async def invoke(admin: Probe, site: Site, token: str, rid: int, payload: object
 
 
 async def stored(site: Site, command_id: int) -> dict[str, Any]:
-    async with SqliteStore(site.settings.db) as store:
+    async with SqliteStore(site.settings.db_path) as store:
         command = await store.get(command_id)
     assert command is not None
     return to_record(command)
@@ -242,7 +242,7 @@ async def test_device_cannot_invoke_cancel_or_watch_events(site: Site) -> None:
         await admin.wait_topic(f"cex/events/{site.av}/devB/reboot/{second['id']}")
         await asyncio.sleep(QUIET_S)
         assert dev_a.seen == []
-    async with SqliteStore(site.settings.db) as store:
+    async with SqliteStore(site.settings.db_path) as store:
         created = await store.history(CommandQuery(app_version=site.av, oldest_first=True))
     assert [(c.id, c.target.endpoint_token, c.state) for c in created] == [
         (record["id"], "devB", CommandState.PENDING),

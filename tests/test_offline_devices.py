@@ -92,7 +92,7 @@ async def test_tutorial_client_without_subscribe_gets_push(
         topic, commands = await _received(device)
         assert topic.endswith("/command/reboot/status")
         assert commands == [{"id": record["id"], "payload": {"now": True}}]
-        await _wait_executed(settings.db, record["id"])
+        await _wait_executed(settings.db_path, record["id"])
 
 
 async def test_offline_device_gets_command_on_next_connection_embedded(
@@ -109,7 +109,7 @@ async def test_offline_device_gets_command_on_next_connection_embedded(
         device.start()
         _, commands = await _received(device)
         assert commands == [{"id": record["id"], "payload": 7}]
-        await _wait_executed(settings.db, record["id"])
+        await _wait_executed(settings.db_path, record["id"])
 
 
 async def test_offline_device_gets_retained_list_on_mosquitto(
@@ -144,7 +144,7 @@ async def test_retained_list_survives_bridge_restart_on_mosquitto(
         reply = await watcher.request(f"cex/admin/{app_version}/{TOKEN}/invoke/reboot/1", {"payload": "x"})
         record = reply.json()
         await watcher.wait_topic(push_topic)  # the list is now retained on the broker
-    async with SqliteStore(settings.db) as store:  # cancelled while no bridge could announce it
+    async with SqliteStore(settings.db_path) as store:  # cancelled while no bridge could announce it
         command = await store.get(record["id"])
         assert command is not None
         await store.cancel(command.id, command.created_at)

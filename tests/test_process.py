@@ -83,15 +83,31 @@ async def test_sigterm_stops_promptly_with_clients_connected(serve: ServeProcess
     assert "shutdown_complete" in serve.log.read_text()
 
 
-def test_port_taken_names_both_options(serve: ServeProcess) -> None:
+def test_port_taken_names_both_options(serve: ServeProcess, tmp_path: Path) -> None:
     """If the embedded listener's port is taken, serve exits with a message naming the fix."""
     serve.start()
-    other_http = ["--http-listen", f"127.0.0.1:{free_port()}"]
-    command = [*CLI, "serve", *serve.args(*other_http)]
+    other = ["--http-listen", f"127.0.0.1:{free_port()}", "--db", str(tmp_path / "other.db")]
+    command = [*CLI, "serve", *other, "--mqtt-listen", f"127.0.0.1:{serve.port}"]
     second = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert second.returncode == 2
     assert "--mqtt-listen" in second.stderr
     assert "--broker-url" in second.stderr
+
+
+def test_second_serve_on_one_sqlite_file_is_refused(serve: ServeProcess) -> None:
+    """Two instances on one SQLite file would double commands: the second refuses and points to
+    PostgreSQL; the first goes on serving."""
+    serve.start()
+    other = ["--http-listen", f"127.0.0.1:{free_port()}", "--mqtt-listen", f"127.0.0.1:{free_port()}"]
+    second = subprocess.run(
+        [*CLI, "serve", *other, "--db", str(serve.db)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert second.returncode == 2
+    assert f"already serving {serve.db}" in second.stderr
+    assert "postgresql://" in second.stderr
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+    assert serve.cli("list").returncode == 0  # one-shot CLI runs still share the file
 
 
 async def test_cli_invoke_list_show_cancel_against_running_service(serve: ServeProcess, app_version: str) -> None:

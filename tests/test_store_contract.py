@@ -17,6 +17,7 @@ from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, Dev
 from broker_bridge.store import CommandQuery, CommandStore
 from broker_bridge.store.base import EXPIRE_WINDOW
 from broker_bridge.store.memory import MemoryStore
+from broker_bridge.store.postgres import PostgresStore
 from broker_bridge.store.sqlite import SqliteStore
 from broker_bridge.topics import Format, Target
 
@@ -26,11 +27,15 @@ OTHER_TYPE = Target(app_version="app-v1", endpoint_token="dev1", command_type="z
 OTHER_DEVICE = Target(app_version="app-v1", endpoint_token="dev2", command_type="reboot")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CommandStore]:
     """Each contract test runs once per store implementation."""
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "postgres":
+        async with PostgresStore(request.getfixturevalue("pg_url"), instance="contract") as pg_store:
+            yield pg_store
         return
     async with SqliteStore(tmp_path / "bridge.db") as sqlite_store:
         yield sqlite_store

@@ -1,0 +1,712 @@
+"""PostgreSQL store: several instances share one database; each groups its writes into one commit.
+
+Writes go through one FIFO queue to one connection: the writer task takes everything waiting (up to
+``max_batch``), runs it in one transaction and commits once, so concurrent requests share one WAL
+flush (group commit), as in the SQLite store. Reads take a connection of a small pool and never
+wait behind a commit. Futures resolve only after the commit.
+
+Between instances: a report or cancel locks the row it decides on (``FOR UPDATE``), so two
+instances deciding on one command serialize and the compare-and-set always holds; sweeps take rows
+with ``FOR UPDATE SKIP LOCKED`` and run under a transaction-scoped advisory lock, so each row is
+expired or purged once; ids come from one sequence, so a command created after another's commit
+has a higher id whichever instance created it.
+
+A batch that fails in the database (a deadlock between two instances, a constraint this code did
+not foresee) is rolled back and its operations are run again one per transaction, so one bad
+operation fails alone. A lost connection fails the batch with ``StoreUnavailable`` (HTTP 503) and is
+opened again for the next one.
+
+Driver: asyncpg (measured against psycopg 3; see the commit that added this store and README
+"Scaling out").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Self
+
+import asyncpg
+import structlog
+
+from broker_bridge import commands
+from broker_bridge.commands import Command, NewCommand, Report
+from broker_bridge.devices import Device
+from broker_bridge.errors import BridgeError, Conflict, DeviceNotFound, StartupError, StoreUnavailable
+from broker_bridge.store import postgres_sql as sql
+from broker_bridge.store import sqlite_rows as rows
+from broker_bridge.store.base import (
+    EXPIRE_WINDOW,
+    CommandQuery,
+    Created,
+    Delivery,
+    Polled,
+    ReportOutcome,
+    check_cancel,
+    check_open_limit,
+    resolve_report,
+)
+from broker_bridge.store.postgres_schema import (
+    CREATE_VERSION_TABLE,
+    EXPIRY_LOCK,
+    LOCK_SPACE,
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    RETENTION_LOCK,
+)
+from broker_bridge.topics import Format, Target
+
+log = structlog.get_logger(__name__)
+
+Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
+Results = list[tuple[Any, BaseException | None]]
+# Errors that say the server or the connection is gone (as opposed to a statement's own failure).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    TimeoutError,
+)
+RETRY_ALONE = (asyncpg.PostgresError,)
+DB_ERRORS = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[Conn], Awaitable[Any]]  # runs inside the batch's transaction
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"database unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
+
+
+class PostgresStore:
+    """The store for several instances: one PostgreSQL database (any libpq URI)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance: str | None = None,
+        max_batch: int = 512,
+        read_pool: int = 4,
+        connect_timeout_s: float = 5.0,
+        migrate: bool = True,
+    ) -> None:
+        self.dsn = dsn
+        self.instance = instance  # recorded as the announcer of each change; None: a one-shot CLI run
+        self.max_batch = max_batch
+        self.read_pool = read_pool
+        self.connect_timeout_s = connect_timeout_s
+        self.migrate = migrate
+        self.batch_sizes: list[int] = []
+        self.on_commit: Callable[[int], None] | None = None
+        self.on_finished: Callable[[list[int]], None] | None = None  # commands another session finished
+        self._inbox: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer: Conn | None = None
+        self._pool: Any = None  # asyncpg.Pool
+        self._listener: Conn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        try:
+            conn = await self._connect()
+        except DB_ERRORS as exc:
+            raise StartupError(f"cannot open database: {exc}") from None
+        try:
+            if self.migrate:
+                await migrate(conn)
+            else:
+                await check_schema(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        self._writer = conn
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.read_pool, timeout=self.connect_timeout_s, command_timeout=30
+        )
+        self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None and not self._task.done():
+            self._inbox.put_nowait(None)  # what is queued runs first
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._writer.close(), 2)
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 2)
+
+    async def _connect(self) -> Conn:
+        conn: Conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s, command_timeout=30)
+        return conn
+
+    async def listen(self) -> None:
+        """Hear which commands other sessions finished (``on_finished``) until cancelled; reconnects."""
+        while True:
+            conn: Conn | None = None
+            try:
+                conn = await self._connect()
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                conn.add_termination_listener(lambda _, lost=lost: lost.done() or lost.set_result(None))
+                await conn.add_listener(sql.FINAL_CHANNEL, self._notified)
+                self._listener = conn
+                await lost
+            except DB_ERRORS as exc:
+                log.warning("postgres_listen_failed", error=str(exc), retry_in_s=1.0)
+            finally:
+                self._listener = None
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()  # also on cancellation: nothing to say to the server first
+            await asyncio.sleep(1.0)
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        """Our own writer's finals were announced by the service already; others' are news."""
+        if self._writer is not None and pid == self._writer.get_server_pid():
+            return
+        if self.on_finished is not None:
+            self.on_finished([int(i) for i in payload.split(",") if i])
+
+    # -- the writer -----------------------------------------------------------------------------
+    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]]) -> Any:
+        op = _Op(fn=fn)
+        self._inbox.put_nowait(op)  # before any suspension: keeps callers' order
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        while (first := await self._inbox.get()) is not None:
+            batch, stop = [first], False
+            while len(batch) < self.max_batch and not self._inbox.empty():
+                op = self._inbox.get_nowait()
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            await self._run_batch(batch)
+            if stop:
+                break
+
+    async def _writer_conn(self) -> Conn:
+        if self._writer is None or self._writer.is_closed():
+            self._writer = await self._connect()
+        return self._writer
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        try:
+            results = await self._transaction(batch)
+        except CONNECTION_ERRORS as exc:
+            await self._drop_writer()
+            log.error("store_batch_failed", error=str(exc), size=len(batch))
+            _fail_all(batch, unavailable(exc))
+            return
+        except RETRY_ALONE as exc:  # rolled back: run each alone, so only the broken one fails
+            log.warning("store_batch_retried_alone", error=str(exc), size=len(batch))
+            if len(batch) == 1:
+                _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
+                return
+            for op in batch:
+                await self._run_batch([op])
+            return
+        except Exception as exc:  # a bug in one operation: the batch is lost, the store lives on
+            log.exception("store_batch_crashed", size=len(batch))
+            _fail_all(batch, StoreUnavailable(f"internal store error: {type(exc).__name__}"))
+            return
+        self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+        if self.on_commit is not None:
+            try:
+                self.on_commit(len(batch))
+            except Exception:
+                log.exception("store_on_commit_failed")
+        for op, (value, error) in zip(batch, results, strict=True):
+            _resolve(op.future, value, error)
+
+    async def _transaction(self, batch: list[_Op]) -> Results:
+        conn = await self._writer_conn()
+        results: Results = []
+        async with conn.transaction():
+            for op in batch:
+                try:
+                    results.append((await op.fn(conn), None))
+                except BridgeError as exc:  # refused before writing anything
+                    results.append((None, exc))
+            finished = [i for value, _ in results for i in _finished_ids(value)]
+            for start in range(0, len(finished), 500):  # NOTIFY payloads stay under 8000 bytes
+                ids = ",".join(str(i) for i in finished[start : start + 500])
+                await conn.execute("SELECT pg_notify($1, $2)", sql.FINAL_CHANNEL, ids)
+        return results
+
+    async def _drop_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[Any]]) -> Any:
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn:
+                return await fn(conn)
+        except DB_ERRORS as exc:
+            raise unavailable(exc) from None
+
+    async def _rows(self, query: str, *args: Any) -> list[Any]:
+        found: list[Any] = await self._read(lambda conn: conn.fetch(query, *args))
+        return found
+
+    # -- the contract -------------------------------------------------------------------------
+    async def create(self, new: NewCommand) -> Command:
+        result: Command = await self._submit(lambda conn: self._insert(conn, new))
+        return result
+
+    async def _insert(self, conn: Conn, new: NewCommand) -> Command:
+        command_id = await conn.fetchval(sql.INSERT, *rows.insert_params(new), self.instance)
+        if command_id is None:  # ON CONFLICT DO NOTHING: the idempotency key is taken
+            raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
+        return commands.create(new, command_id)
+
+    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+        target = new.target
+
+        async def op(conn: Conn) -> Created:
+            if new.idempotency_key is not None and (
+                found := await _find_idempotent(conn, target, new.idempotency_key)
+            ):
+                return Created(command=found, created=False, delivery=None)
+            open_count = await conn.fetchval(sql.OPEN_COUNT, target.app_version, target.endpoint_token)
+            check_open_limit(open_count, max_open, target)
+            command = await self._insert(conn, new)
+            delivery = await _delivery(conn, target, new.created_at)
+            if mark_retained and delivery.observe and not delivery.retained:
+                await conn.execute(sql.MARK_RETAINED, *rows.target_params(target), delivery.format.value)
+                delivery = dataclasses.replace(delivery, retained_format=delivery.format)
+            return Created(command=command, created=True, delivery=delivery)
+
+        result: Created = await self._submit(op)
+        return result
+
+    async def find_idempotent(self, target: Target, key: str) -> Command | None:
+        result: Command | None = await self._read(lambda conn: _find_idempotent(conn, target, key))
+        return result
+
+    async def get(self, command_id: int) -> Command | None:
+        found = await self._rows(sql.SELECT_ONE, command_id)
+        return rows.to_command(found[0]) if found else None
+
+    async def history(self, query: CommandQuery) -> list[Command]:
+        where, params = rows.where(query)
+        order = "ASC" if query.oldest_first else "DESC"
+        text = sql.numbered(f"SELECT {sql.COLUMNS} FROM commands {where} ORDER BY id {order} LIMIT ? OFFSET ?")
+        return [rows.to_command(r) for r in await self._rows(text, *params, query.limit, query.offset)]
+
+    async def count(self, query: CommandQuery) -> int:
+        where, params = rows.where(query)
+        found = await self._rows(sql.numbered(f"SELECT count(*) FROM commands {where}"), *params)
+        return int(found[0][0])
+
+    async def report(self, target: Target, reports: Sequence[tuple[int, Report]]) -> list[ReportOutcome]:
+        async def op(conn: Conn) -> list[ReportOutcome]:
+            return [await self._report_one(conn, target, command_id, report) for command_id, report in reports]
+
+        result: list[ReportOutcome] = await self._submit(op)
+        return result
+
+    async def _report_one(self, conn: Conn, target: Target, command_id: int, report: Report) -> ReportOutcome:
+        current = await _fetch_for_update(conn, command_id)
+        outcome = resolve_report(current, target, command_id, report)
+        if outcome.changed and outcome.command is not None and current is not None:
+            await self._save(conn, current, outcome.command)
+        return outcome
+
+    async def _save(self, conn: Conn, before: Command, after: Command) -> None:
+        params = rows.update_params(before, after)
+        status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
+        if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
+            raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
+
+    async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
+        async def op(conn: Conn) -> Command:
+            current = check_cancel(await _fetch_for_update(conn, command_id), command_id, target)
+            cancelled = commands.cancel(current, now)
+            await self._save(conn, current, cancelled)
+            return cancelled
+
+        result: Command = await self._submit(op)
+        return result
+
+    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+        async def op(conn: Conn) -> Polled:
+            old_observe, old_fmt, retained_fmt = await _observer(conn, target)
+            new_observe = old_observe if observe is None else observe
+            if (new_observe, fmt) != (old_observe, old_fmt):
+                await conn.execute(sql.UPSERT_OBSERVER, *rows.observer_params(target, new_observe, fmt))
+            outstanding = await _outstanding(conn, target, now)
+            return Polled(commands=outstanding, moved=retained_fmt not in (None, fmt))
+
+        result: Polled = await self._submit(op)
+        return result
+
+    async def delivery(self, target: Target, now: datetime) -> Delivery:
+        result: Delivery = await self._read(lambda conn: _delivery(conn, target, now))
+        return result
+
+    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
+        params = rows.target_params(target)
+
+        async def op(conn: Conn) -> None:
+            if retained:
+                await conn.execute(sql.MARK_RETAINED, *params, None if fmt is None else fmt.value)
+            else:
+                await conn.execute(sql.CLEAR_RETAINED, *params, *params)
+
+        await self._submit(op)
+
+    async def retained_targets(self) -> list[Target]:
+        return [rows.to_target(r) for r in await self._rows(sql.RETAINED_TARGETS)]
+
+    async def open_targets(self, now: datetime, app_version: str, endpoint_token: str) -> list[Target]:
+        found = await self._rows(sql.OPEN_TARGETS_OF, rows.to_us(now), app_version, endpoint_token)
+        return [rows.to_target(r) for r in found]
+
+    async def all_open_targets(self, now: datetime) -> list[Target]:
+        return [rows.to_target(r) for r in await self._rows(sql.OPEN_TARGETS, rows.to_us(now))]
+
+    async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
+        async def op(conn: Conn) -> _Expired:
+            if not await conn.fetchval(sql.TRY_XACT_LOCK, EXPIRY_LOCK):  # another instance is sweeping
+                return _Expired()
+            found = await conn.fetch(sql.EXPIRE_DUE, rows.to_us(now), limit * EXPIRE_WINDOW, limit, self.instance)
+            return _Expired((r[0], rows.to_target(r[1:])) for r in sorted(found))
+
+        result: _Expired = await self._submit(op)
+        return list(result)
+
+    async def get_many(self, command_ids: Sequence[int]) -> list[Command]:
+        ids = sorted(set(command_ids))
+        return [rows.to_command(r) for r in await self._rows(sql.GET_MANY, ids)] if ids else []
+
+    async def purge_finished(self, before: datetime, limit: int) -> int:
+        return await self._delete(sql.PURGE_FINISHED, rows.to_us(before), limit)
+
+    async def purge_ephemeral(self, before: datetime, limit: int) -> int:
+        return await self._delete(sql.PURGE_EPHEMERAL, rows.to_us(before), limit)
+
+    async def _delete(self, query: str, *args: Any) -> int:
+        async def op(conn: Conn) -> int:
+            if not await conn.fetchval(sql.TRY_XACT_LOCK, RETENTION_LOCK):
+                return 0
+            return _count(await conn.execute(query, *args))
+
+        result: int = await self._submit(op)
+        return result
+
+    async def mark_announced(self, announced: Sequence[tuple[int, datetime]]) -> None:
+        ids = [command_id for command_id, _ in announced]
+        versions = [rows.to_us(updated_at) for _, updated_at in announced]
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(sql.MARK_ANNOUNCED, ids, versions)
+
+        await self._submit(op)
+
+    async def unannounced(self, after_id: int, limit: int) -> list[Command]:
+        found = await self._rows(sql.UNANNOUNCED, after_id, limit, self.instance)
+        return [rows.to_command(r) for r in found]
+
+    # -- the device registry --------------------------------------------------------------------
+    async def add_device(self, device: Device) -> Device:
+        async def op(conn: Conn) -> Device:
+            if _count(await conn.execute(sql.INSERT_DEVICE, *rows.device_params(device))) != 1:
+                raise _device_conflict(device)
+            return device
+
+        result: Device = await self._submit(op)
+        return result
+
+    async def replace_device(self, device: Device) -> Device:
+        params = rows.device_params(device)
+
+        async def op(conn: Conn) -> Device:
+            changed = await conn.execute(
+                sql.UPDATE_DEVICE, *params[1:], params[0], device.app_version, device.endpoint_token, params[0]
+            )
+            if _count(changed) != 1:
+                if await conn.fetchval(sql.DEVICE_EXISTS, device.device_id) is None:
+                    raise DeviceNotFound(f"no device {device.device_id!r}")
+                raise _device_conflict(device)
+            return device
+
+        result: Device = await self._submit(op)
+        return result
+
+    async def get_device(self, device_id: str) -> Device | None:
+        found = await self._rows(sql.SELECT_DEVICE, device_id)
+        return rows.to_device(found[0]) if found else None
+
+    async def device_for(self, app_version: str, endpoint_token: str) -> Device | None:
+        found = await self._rows(sql.SELECT_DEVICE_FOR, app_version, endpoint_token)
+        return rows.to_device(found[0]) if found else None
+
+    async def devices(self, limit: int, offset: int) -> list[Device]:
+        return [rows.to_device(r) for r in await self._rows(sql.DEVICES, limit, offset)]
+
+    async def count_devices(self) -> int:
+        found = await self._rows("SELECT count(*) FROM devices")
+        return int(found[0][0])
+
+    async def delete_device(self, device_id: str) -> bool:
+        async def op(conn: Conn) -> bool:
+            return _count(await conn.execute(sql.DELETE_DEVICE, device_id)) == 1
+
+        result: bool = await self._submit(op)
+        return result
+
+
+class _Expired(list[tuple[int, Target]]):
+    """What the expiry sweep changed: these commands became final (waiters elsewhere are told)."""
+
+
+def _finished_ids(value: Any) -> list[int]:
+    """Ids of commands an operation's result made final, for the NOTIFY of the batch."""
+    if isinstance(value, _Expired):
+        return [command_id for command_id, _ in value]
+    if isinstance(value, Command):  # a cancel (creates return open commands)
+        return [] if value.is_open else [value.id]
+    if isinstance(value, list) and value and isinstance(value[0], ReportOutcome):
+        return [o.command_id for o in value if o.changed and o.command is not None and not o.command.is_open]
+    return []
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
+    return int(status.rpartition(" ")[2] or 0)
+
+
+def _device_conflict(device: Device) -> Conflict:
+    endpoint = f"{device.app_version}/{device.endpoint_token}"
+    return Conflict(f"device {device.device_id!r} or endpoint {endpoint} is already registered")
+
+
+def _fail_all(batch: list[_Op], error: BaseException) -> None:
+    for op in batch:
+        _resolve(op.future, None, error)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+async def _find_idempotent(conn: Conn, target: Target, key: str) -> Command | None:
+    found = await conn.fetchrow(sql.FIND_IDEMPOTENT, target.app_version, target.endpoint_token, key)
+    return rows.to_command(found) if found else None
+
+
+async def _fetch_for_update(conn: Conn, command_id: int) -> Command | None:
+    found = await conn.fetchrow(sql.SELECT_FOR_UPDATE, command_id)
+    return rows.to_command(found) if found else None
+
+
+async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | None]:
+    found = await conn.fetchrow(sql.SELECT_OBSERVER, *rows.target_params(target))
+    if found is None:
+        return True, Format.PLAIN, None
+    observe, fmt, retained_fmt = found
+    return bool(observe), Format(fmt), None if retained_fmt is None else Format(retained_fmt)
+
+
+async def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
+    observe, fmt, retained_fmt = await _observer(conn, target)
+    outstanding = await _outstanding(conn, target, now)
+    return Delivery(target=target, observe=observe, format=fmt, commands=outstanding, retained_format=retained_fmt)
+
+
+async def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
+    found = await conn.fetch(sql.OUTSTANDING, *rows.target_params(target), rows.to_us(now))
+    return tuple(rows.to_command(r) for r in found)
+
+
+# -- schema -------------------------------------------------------------------------------------
+async def migrate(conn: Conn) -> int:
+    """Bring the schema to the newest version, one step per transaction under the migration lock."""
+    await conn.execute(CREATE_VERSION_TABLE_LOCKED)
+    while True:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_SPACE, MIGRATION_LOCK)
+            version = await _version(conn)
+            if version >= len(MIGRATIONS):
+                return len(MIGRATIONS)
+            await conn.execute(MIGRATIONS[version])
+            await conn.execute("UPDATE broker_bridge_schema SET version = $1", version + 1)
+            log.info("postgres_migrated", version=version + 1)
+
+
+async def check_schema(conn: Conn) -> int:
+    version = await _version(conn)
+    if version != len(MIGRATIONS):
+        raise StartupError(f"database schema is version {version}, this broker-bridge needs {len(MIGRATIONS)}")
+    return version
+
+
+async def _version(conn: Conn) -> int:
+    version = await conn.fetchval("SELECT max(version) FROM broker_bridge_schema")
+    if version is None:
+        await conn.execute("INSERT INTO broker_bridge_schema (version) VALUES (0)")
+        version = 0
+    if version > len(MIGRATIONS):
+        raise StartupError(f"database schema {version} is newer than this broker-bridge ({len(MIGRATIONS)})")
+    return int(version)
+
+
+# Two instances starting at once must not both create the version table.
+CREATE_VERSION_TABLE_LOCKED = f"""
+DO $$ BEGIN
+    PERFORM pg_advisory_xact_lock({LOCK_SPACE}, {MIGRATION_LOCK});
+    {CREATE_VERSION_TABLE};
+END $$
+"""
+
+
+# -- instances ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    name: str
+    host: str
+    pid: int
+    embedded_broker: bool
+    running: bool
+
+
+class InstanceLease:
+    """This instance's claim on its name: a session advisory lock held on a connection of its own
+    for as long as the instance runs (PostgreSQL frees it when the process dies)."""
+
+    def __init__(self, dsn: str, name: str, *, embedded_broker: bool, connect_timeout_s: float = 5.0) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.embedded_broker = embedded_broker
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: Conn | None = None
+        self.lost = asyncio.Event()  # set when the lock's connection was lost
+
+    async def __aenter__(self) -> Self:
+        await self._claim()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+
+    async def _claim(self) -> None:
+        try:
+            conn: Conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+        except DB_ERRORS as exc:
+            raise StartupError(f"cannot open database: {exc}") from None
+        try:
+            if not await conn.fetchval(sql.TRY_INSTANCE_LOCK, self.name):
+                raise StartupError(
+                    f"an instance named {self.name!r} is already running against this database; "
+                    "give each instance its own --instance NAME (setting 'instance')"
+                )
+            others = [r for r in await instances(conn) if r.running and r.name != self.name]
+            clash = [r.name for r in others if r.embedded_broker or self.embedded_broker]
+            if clash:
+                raise StartupError(
+                    f"instance {clash[0]!r} is running against this database; several instances need an "
+                    "external MQTT broker (--broker-url) for all of them, not the embedded one"
+                )
+            await conn.execute(
+                sql.REGISTER_INSTANCE, self.name, socket.gethostname(), os.getpid(), self.embedded_broker
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_termination_listener(lambda _: self.lost.set())
+        self._conn = conn
+
+    async def keep(self) -> None:
+        """Hold the claim until cancelled; after a lost connection, claim again (retrying while the
+        database is down). Raises StartupError if another process took the name meanwhile."""
+        while True:
+            await self.lost.wait()
+            log.error("instance_lock_lost", instance=self.name, hint="the database connection was lost")
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    self.lost.clear()
+                    await self._claim()
+                    log.info("instance_lock_regained", instance=self.name)
+                    break
+                except StartupError as exc:
+                    if "already running" in exc.reason:
+                        raise
+                    log.warning("instance_lock_retry", error=exc.reason)
+
+
+async def instances(conn: Conn) -> list[InstanceRecord]:
+    return [InstanceRecord(*r) for r in await conn.fetch(sql.INSTANCE_RECORDS)]
+
+
+class PushLocks:
+    """Per-target advisory locks held while a target's outstanding list is read and published, so
+    instances publish one target's lists one at a time and each reads the list after the previous
+    publish was acknowledged: a retained list never goes back to an older state."""
+
+    def __init__(self, dsn: str, connect_timeout_s: float = 5.0) -> None:
+        self.dsn = dsn
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: Conn | None = None
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+
+    async def _call(self, query: str, keys: list[int]) -> list[Any]:
+        async with self._lock:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+                found: list[Any] = await self._conn.fetch(query, keys)
+                return found
+            except DB_ERRORS as exc:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.terminate()  # its locks go with it
+                raise unavailable(exc) from None
+
+    @staticmethod
+    def key(target: Target) -> int:
+        """A stable 32-bit key (collisions only make two targets wait for each other)."""
+        text = f"{target.app_version}/{target.endpoint_token}/{target.command_type}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "big", signed=True)
+
+    async def acquire(self, targets: Sequence[Target]) -> list[Target]:
+        """Lock what can be locked now; the targets another instance is pushing are left out."""
+        by_key: dict[int, list[Target]] = {}
+        for target in targets:
+            by_key.setdefault(self.key(target), []).append(target)
+        got = {r[0] for r in await self._call(sql.TRY_PUSH_LOCKS, list(by_key))}
+        return [t for k in got for t in by_key[k]]
+
+    async def release(self, targets: Sequence[Target]) -> None:
+        await self._call(sql.RELEASE_PUSH_LOCKS, sorted({self.key(t) for t in targets}))

@@ -1,0 +1,115 @@
+"""SQL text of the PostgreSQL store: the SQLite store's statements where PostgreSQL takes them as
+they are (``?`` placeholders are numbered here), its own where the engines differ."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from broker_bridge.store import sqlite_rows as rows
+from broker_bridge.store.postgres_schema import LOCK_SPACE
+
+OPEN = "('pending', 'in_progress')"
+FINISHED = "('executed', 'expired', 'cancelled')"
+INSTANCE_SPACE = LOCK_SPACE + 1  # advisory locks held by running instances, keyed by hashtext(name)
+PUSH_SPACE = LOCK_SPACE + 2  # advisory locks held while a target's list is read and published
+
+
+@functools.cache
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (no statement here has a literal ``?``)."""
+    counter = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+COLUMNS = rows.COLUMNS
+INSERT = numbered(
+    "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced, announcer) "
+    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
+)
+FIND_IDEMPOTENT = numbered(rows.FIND_IDEMPOTENT)
+SELECT_ONE = f"SELECT {COLUMNS} FROM commands WHERE id = $1"
+# Reports and cancels lock the row they decide on: another instance's decision on it waits.
+SELECT_FOR_UPDATE = SELECT_ONE + " FOR UPDATE"
+UPDATE = numbered(
+    "UPDATE commands SET state = ?, status_code = ?, reason_phrase = ?, result_payload = ?, updated_at = ?, "
+    "log = ?, announced = 0, announcer = ? WHERE id = ? AND state = ? AND updated_at = ?"
+)
+OPEN_COUNT = numbered(rows.OPEN_COUNT)
+OUTSTANDING = numbered(rows.OUTSTANDING)
+OPEN_TARGETS = numbered(rows.OPEN_TARGETS)
+OPEN_TARGETS_OF = numbered(rows.OPEN_TARGETS + " AND app_version = ? AND endpoint_token = ? ORDER BY command_type")
+SELECT_OBSERVER = numbered(rows.SELECT_OBSERVER)
+ON_TARGET = "ON CONFLICT (app_version, endpoint_token, command_type)"
+UPSERT_OBSERVER = numbered(
+    "INSERT INTO observers AS o (app_version, endpoint_token, command_type, observe, format) "
+    f"VALUES (?, ?, ?, ?, ?) {ON_TARGET} DO UPDATE SET observe = excluded.observe, format = excluded.format, "
+    "retained_format = CASE WHEN o.retained = 1 THEN coalesce(o.retained_format, o.format) END"
+)
+MARK_RETAINED = numbered(
+    "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
+    f"VALUES (?, ?, ?, 1, ?) {ON_TARGET} DO UPDATE SET retained = 1, retained_format = excluded.retained_format"
+)
+CLEAR_RETAINED = numbered(rows.CLEAR_RETAINED)
+RETAINED_TARGETS = rows.RETAINED_TARGETS
+# Several instances sweep at once without waiting for each other: rows another sweep holds are skipped.
+EXPIRE_DUE = (
+    "UPDATE commands SET state = 'expired', updated_at = $1, announced = 0, announcer = $4 WHERE id IN ("
+    f"SELECT id FROM (SELECT id FROM commands WHERE state IN {OPEN} AND expires_at <= $1 "
+    "ORDER BY expires_at LIMIT $2) due ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+    "RETURNING id, app_version, endpoint_token, command_type"
+)
+GET_MANY = f"SELECT {COLUMNS} FROM commands WHERE id = ANY($1::bigint[]) ORDER BY id"
+PURGE_FINISHED = (
+    f"DELETE FROM commands WHERE id IN (SELECT id FROM commands WHERE state IN {FINISHED} "
+    "AND updated_at < $1 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+)
+PURGE_EPHEMERAL = (
+    "DELETE FROM commands WHERE id IN (SELECT id FROM commands WHERE ephemeral = 1 "
+    "AND created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+)
+MARK_ANNOUNCED = (
+    "UPDATE commands SET announced = 1 FROM unnest($1::bigint[], $2::bigint[]) AS a(id, updated_at) "
+    "WHERE commands.id = a.id AND commands.updated_at = a.updated_at AND commands.announced = 0"
+)
+# An instance recovers the events it left unannounced, and those of instances that are not running
+# (their advisory lock is free) and of one-shot CLI runs (no announcer).
+RUNNING_INSTANCES = (
+    "SELECT i.name FROM instances i JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted "
+    f"AND l.classid = {INSTANCE_SPACE} AND l.objid = hashtext(i.name)::oid AND l.objsubid = 2"
+)
+UNANNOUNCED = (
+    f"SELECT {COLUMNS} FROM commands WHERE announced = 0 AND id > $1 "
+    f"AND (announcer IS NULL OR announcer = $3 OR announcer NOT IN ({RUNNING_INSTANCES})) ORDER BY id LIMIT $2"
+)
+INSTANCE_RECORDS = (
+    "SELECT i.name, i.host, i.pid, i.embedded_broker, "
+    "i.name = ANY(ARRAY(" + RUNNING_INSTANCES + ")) AS running FROM instances i ORDER BY i.name"
+)
+TRY_INSTANCE_LOCK = f"SELECT pg_try_advisory_lock({INSTANCE_SPACE}, hashtext($1))"
+REGISTER_INSTANCE = (
+    "INSERT INTO instances (name, host, pid, embedded_broker) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+    "embedded_broker = excluded.embedded_broker, started_at = now()"
+)
+TRY_XACT_LOCK = f"SELECT pg_try_advisory_xact_lock({LOCK_SPACE}, $1)"
+# Push locks: the keys of the targets whose lock this session got (others are being pushed elsewhere).
+TRY_PUSH_LOCKS = f"SELECT k FROM unnest($1::int[]) AS k WHERE pg_try_advisory_lock({PUSH_SPACE}, k)"
+RELEASE_PUSH_LOCKS = f"SELECT count(*) FROM unnest($1::int[]) AS k WHERE pg_advisory_unlock({PUSH_SPACE}, k)"
+PUSH_KEYS = "SELECT hashtext(t) FROM unnest($1::text[]) AS t"
+
+INSERT_DEVICE = numbered(rows.INSERT_DEVICE + " ON CONFLICT DO NOTHING")
+# An update that would take another device's endpoint changes nothing (the unique index would abort
+# the whole batch's transaction instead of refusing this one operation).
+UPDATE_DEVICE = numbered(
+    rows.UPDATE_DEVICE
+    + " AND NOT EXISTS (SELECT 1 FROM devices o WHERE o.app_version = ? AND o.endpoint_token = ? AND o.device_id <> ?)"
+)
+DEVICE_EXISTS = "SELECT 1 FROM devices WHERE device_id = $1"
+SELECT_DEVICE = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
+SELECT_DEVICE_FOR = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE app_version = $1 AND endpoint_token = $2"
+DEVICES = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
+DELETE_DEVICE = "DELETE FROM devices WHERE device_id = $1"
+
+FINAL_CHANNEL = "broker_bridge_final"  # NOTIFY payload: comma-separated ids of commands that became final

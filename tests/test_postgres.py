@@ -1,0 +1,200 @@
+"""What only the PostgreSQL store must do: several instances on one database, nothing doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from broker_bridge.commands import CommandState
+from broker_bridge.errors import CommandFinished, Conflict, StartupError, StoreUnavailable
+from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
+from broker_bridge.topics import Format, Target
+from tests.test_store_contract import REBOOT, T0, new, report
+
+
+@pytest.fixture
+async def pair(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two instances' stores on one database, opened at once (both run the migration)."""
+    a, b = PostgresStore(pg_url, instance="a"), PostgresStore(pg_url, instance="b")
+    await asyncio.gather(a.__aenter__(), b.__aenter__())
+    yield a, b
+    await asyncio.gather(a.__aexit__(None, None, None), b.__aexit__(None, None, None))
+
+
+def target(n: int) -> Target:
+    return Target(app_version="app-v1", endpoint_token=f"dev{n}", command_type="reboot")
+
+
+async def test_ids_from_two_instances_are_unique_and_follow_commit_order(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """One sequence: a command created after another committed has a higher id, whichever store."""
+    a, b = pair
+    ids = []
+    for i in range(20):
+        store = a if i % 2 else b
+        ids.append((await store.create(new(target(i)))).id)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 20
+
+
+async def test_one_result_reported_to_two_instances_at_once_is_applied_once(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A device's result that both instances take in (a redelivery): one applies it, one refuses."""
+    a, b = pair
+    created = [await a.create(new(target(i))) for i in range(40)]
+    outcomes = await asyncio.gather(
+        *(store.report(c.target, [(c.id, report(200))]) for c in created for store in (a, b))
+    )
+    for c, (first, second) in zip(created, zip(outcomes[::2], outcomes[1::2], strict=True), strict=True):
+        applied = [o for o in (first[0], second[0]) if o.error is None]
+        refused = [o for o in (first[0], second[0]) if o.error is not None]
+        assert len(applied) == 1, c.id
+        assert len(refused) == 1, c.id
+        assert isinstance(refused[0].error, CommandFinished)
+        stored = await b.get(c.id)
+        assert stored is not None
+        assert stored.state is CommandState.EXECUTED
+        assert len(stored.log) == 1
+
+
+async def test_two_sweeps_expire_each_command_once(pair: tuple[PostgresStore, PostgresStore]) -> None:
+    """Expiry running on both instances: every due command expired exactly once, none skipped."""
+    a, b = pair
+    due = {(await a.create(new(target(i % 7), ttl_s=1))).id for i in range(300)}
+    later = T0 + timedelta(seconds=5)
+    expired: list[int] = []
+    while True:
+        batches = await asyncio.gather(a.expire_due(later, 50), b.expire_due(later, 50))
+        found = [command_id for batch in batches for command_id, _ in batch]
+        if not found:
+            break
+        expired.extend(found)
+    assert sorted(expired) == sorted(due)
+    assert all(c.state is CommandState.EXPIRED for c in await b.get_many(sorted(due)))
+
+
+async def test_idempotency_key_used_at_once_on_two_instances_creates_one_command(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """The unique index decides; the loser is told Conflict (the service then returns the winner)."""
+    a, b = pair
+    for i in range(20):
+        keyed = dataclasses.replace(new(target(i)), idempotency_key=f"k{i}")
+        results = await asyncio.gather(
+            a.submit(keyed, max_open=10, mark_retained=False),
+            b.submit(keyed, max_open=10, mark_retained=False),
+            return_exceptions=True,
+        )
+        created = [r for r in results if not isinstance(r, BaseException) and r.created]
+        assert len(created) == 1
+        other = next(r for r in results if r is not created[0])
+        assert isinstance(other, Conflict) or (not isinstance(other, BaseException) and not other.created)
+        found = await a.find_idempotent(target(i), f"k{i}")
+        assert found is not None
+        assert found.id == created[0].command.id
+
+
+async def test_a_finished_command_is_notified_to_the_other_instance(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """LISTEN/NOTIFY wakes the instance whose HTTP request waits for a result another took in."""
+    a, b = pair
+    heard: asyncio.Queue[list[int]] = asyncio.Queue()
+    b.on_finished = heard.put_nowait
+    listening = asyncio.create_task(b.listen())
+    try:
+        command = await a.create(new())
+        for _ in range(100):  # the listener connects in the background
+            if b._listener is not None:
+                break
+            await asyncio.sleep(0.02)
+        await a.report(REBOOT, [(command.id, report(102))])  # not final: no notification
+        await a.report(REBOOT, [(command.id, report(200))])
+        assert await asyncio.wait_for(heard.get(), 5) == [command.id]
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+
+
+async def test_a_database_error_fails_only_its_own_operation(pg_url: str) -> None:
+    """Text PostgreSQL cannot store (NUL) aborts the batch's transaction; the batch is run again one
+    operation per transaction, so the others still commit."""
+    async with PostgresStore(pg_url, instance="a") as store:
+        command = await store.create(new())
+        bad = dataclasses.replace(report(200), reason_phrase="a\x00b")
+        results = await asyncio.gather(
+            store.create(new(target(1))),
+            store.report(REBOOT, [(command.id, bad)]),
+            store.create(new(target(2))),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], StoreUnavailable)
+        assert [r.target for r in results if not isinstance(r, BaseException)] == [target(1), target(2)]
+        stored = await store.get(command.id)
+        assert stored is not None
+        assert stored.state is CommandState.PENDING
+
+
+async def test_unannounced_changes_of_a_running_instance_are_not_taken(pg_url: str) -> None:
+    """Recovery adopts the unannounced events of stopped instances only: a running one publishes
+    its own, so nothing is announced twice."""
+    async with PostgresStore(pg_url, instance="a") as a, PostgresStore(pg_url, instance="b") as b:
+        lease = InstanceLease(pg_url, "a", embedded_broker=False)
+        async with lease:
+            mine = await a.create(new())
+            assert [c.id for c in await a.unannounced(0, 10)] == [mine.id]
+            assert await b.unannounced(0, 10) == []
+        assert [c.id for c in await b.unannounced(0, 10)] == [mine.id]  # a stopped: b adopts
+
+
+async def test_instance_names_are_exclusive(pg_url: str) -> None:
+    """A second instance with a running name is refused, naming the clash; the name is free again
+    once the first stops."""
+    async with PostgresStore(pg_url), InstanceLease(pg_url, "b1", embedded_broker=False):
+        with pytest.raises(StartupError, match="'b1' is already running"):
+            async with InstanceLease(pg_url, "b1", embedded_broker=False):
+                pass
+        async with InstanceLease(pg_url, "b2", embedded_broker=False):
+            pass
+        with pytest.raises(StartupError, match="external MQTT broker"):
+            async with InstanceLease(pg_url, "b3", embedded_broker=True):
+                pass
+    async with InstanceLease(pg_url, "b1", embedded_broker=False):
+        pass
+
+
+async def test_push_locks_exclude_the_other_instance_until_released(pg_url: str) -> None:
+    """One target's list is read and published by one instance at a time."""
+    async with PostgresStore(pg_url):
+        a, b = PushLocks(pg_url), PushLocks(pg_url)
+        try:
+            t1, t2 = target(1), Target(app_version="app-v1", endpoint_token="dev1", command_type="x")
+            assert await a.acquire([t1]) == [t1]
+            assert await b.acquire([t1, t2]) == [t2]
+            await a.release([t1])
+            assert await b.acquire([t1]) == [t1]
+            await b.release([t1, t2])
+            assert set(await a.acquire([t1, t2])) == {t1, t2}
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_retained_mark_and_observer_survive_across_instances(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """What one instance records of a device (observe flag, format, retained mark) the other reads."""
+    a, b = pair
+    await a.poll(REBOOT, T0, False, Format.JSON)
+    await a.create(new())
+    await a.mark_retained(REBOOT, True)
+    delivery = await b.delivery(REBOOT, T0)
+    assert (delivery.observe, delivery.format, delivery.retained_format) == (False, Format.JSON, Format.JSON)
