@@ -73,3 +73,41 @@ def test_list_filters_and_show(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "state: pending" in out
     code, _, err = run(capsys, db, "devices", "add", "--app-version", "a", "--token", "t", "--label", "nokey")
     assert (code, "KEY=VALUE" in err) == (2, True)
+
+
+def test_invoke_honours_a_closed_registry(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI builds the service as serve does: with registry_mode closed, an unknown token is
+    refused and nothing is stored or registered (it used to store the command and the device)."""
+    monkeypatch.setenv("BROKER_BRIDGE_REGISTRY_MODE", "closed")
+    db = tmp_path / "b.db"
+    code, _, err = run(capsys, db, "invoke", "myapp-v1", "unknown-token", "reboot")
+    assert code == 1
+    assert "unknown-token" in err
+    assert run(capsys, db, "list", "--json")[1].strip() == "[]"
+    assert run(capsys, db, "devices", "list", "--json")[1].strip() == "[]"
+
+
+def test_cli_works_against_postgresql(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
+    """invoke, list, show, cancel and devices on a PostgreSQL database, as on SQLite."""
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--db", pg_url, "--mqtt-listen", f"127.0.0.1:{free_port()}"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = cli("invoke", "pg-v1", "t1", "reboot", "--payload", '{"a": 1}', "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["payload"] == {"a": 1}
+    code, out, _ = cli("list", "--token", "t1", "--json")
+    assert [r["id"] for r in json.loads(out)] == [record["id"]]
+    assert json.loads(cli("show", str(record["id"]), "--json")[1])["state"] == "pending"
+    assert json.loads(cli("cancel", str(record["id"]), "--json")[1])["state"] == "cancelled"
+    code, _, err = cli("cancel", str(record["id"]))
+    assert (code, "already cancelled" in err) == (1, True)
+    assert cli("devices", "add", "--app-version", "pg-v1", "--token", "t2", "--id", "d2")[0] == 0
+    listed = json.loads(cli("devices", "list", "--json")[1])
+    assert {d["endpoint_token"] for d in listed} == {"t1", "t2"}  # t1 registered by its invoke (open mode)
+    assert "d2" in {d["id"] for d in listed}
