@@ -163,10 +163,8 @@ class Settings(BaseSettings):
 
     @property
     def api_key_file(self) -> Path:
-        """Where a generated API key is kept: next to the SQLite file; with PostgreSQL, in the
-        working directory (instances on several machines should share configured ``api_keys``)."""
-        if self.postgres:
-            return Path("broker-bridge.api-key")
+        """Where a generated API key is kept: next to the SQLite file (with PostgreSQL it is kept in
+        the database, shared by every instance)."""
         return self.db_path.with_name(self.db_path.name + ".api-key")
 
     def limits(self) -> Limits:

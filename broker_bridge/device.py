@@ -153,11 +153,15 @@ class DeviceSimulator:
         request_topic = "/".join(levels[:-1])
         if request_topic not in self._unconfirmed or parse_positive_int(levels[-2]) is None:
             return
-        del self._unconfirmed[request_topic]
         try:
             reply = protocol.decode(payload, self.fmt.codec) if payload else {}
         except BridgeError as exc:
             reply = {"undecodable": exc.reason}
+        code = reply.get("statusCode") if isinstance(reply, dict) else None
+        if isinstance(code, int) and code >= 500:  # the service could not store it (503): send it again
+            self.say(event="result_retry", topic=request_topic, reply=reply)
+            return
+        del self._unconfirmed[request_topic]
         self.say(event="result_confirmed", topic=request_topic, reply=reply)
         confirmed = len(self.executed) - len(self._unconfirmed)
         if self.exit_after is not None and confirmed >= self.exit_after:

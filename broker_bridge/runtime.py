@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -26,6 +27,7 @@ from broker_bridge.outbox import Outbox
 from broker_bridge.service import Announcers, CommandService
 from broker_bridge.store import CommandStore
 from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
+from broker_bridge.store.postgres_sql import API_KEY_QUERY
 from broker_bridge.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -136,7 +138,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         service, outbox, metrics = parts.service, parts.outbox, parts.metrics
         http_socket = http_server.bind(*parse_listen(settings.http_listen))
         stack.callback(http_socket.close)
-        keys = http_server.api_keys(settings.api_keys, settings.api_key_file)
+        keys = await _api_keys(settings, parts.postgres)
         address = settings.broker_address()
         local: InProcessLink | None = None
         if settings.embedded:
@@ -190,6 +192,18 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             if parts.lease is not None:
                 tasks.create_task(parts.lease.keep(), name="instance-lease")
             tasks.create_task(_announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), name="ready")
+
+
+async def _api_keys(settings: Settings, postgres: PostgresStore | None) -> list[str]:
+    """The configured keys; without any, one generated once: in the database with PostgreSQL, so
+    every instance takes the same key; next to the SQLite file otherwise."""
+    if settings.api_keys or postgres is None:
+        return http_server.api_keys(settings.api_keys, settings.api_key_file)
+    key, made = await postgres.shared_secret("api_key", lambda: secrets.token_urlsafe(32))
+    if made:
+        read_it_with = f'psql "$DB_URL" -tAc "{API_KEY_QUERY}"'
+        log.warning("api_key_generated", stored_in="the database", read_it_with=read_it_with)
+    return [key]
 
 
 async def _sweep(step: Callable[[int], Awaitable[int]], interval_s: float, batch: int = SWEEP_BATCH) -> None:

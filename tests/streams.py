@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
-from broker_bridge.commands import CommandState
+from broker_bridge.commands import Command, CommandState
 from broker_bridge.store import CommandQuery
+from broker_bridge.store.postgres import PostgresStore
 from broker_bridge.store.sqlite import SqliteStore
 from tests.conftest import MosquittoProcess, free_port
 
 CLI = [sys.executable, "-m", "broker_bridge.cli"]
+API_KEY = "streams-test-key"
 DEVICES = 4
 WINDOW = 200
 RETRY_AFTER_S = 4.0
@@ -30,19 +33,35 @@ Events = defaultdict[int, list[dict[str, Any]]]
 
 
 class Serve:
-    """`broker-bridge serve` on an external Mosquitto, restartable."""
+    """`broker-bridge serve` on an external Mosquitto, restartable; on SQLite in ``workdir``, or on
+    the PostgreSQL database ``db`` as instance ``instance``."""
 
-    def __init__(self, workdir: Path, broker: MosquittoProcess) -> None:
-        self.args = ["--db", str(workdir / "bridge.db"), "--broker-url", broker.url]
+    def __init__(
+        self, workdir: Path, broker: MosquittoProcess, *, db: str | None = None, instance: str | None = None
+    ) -> None:
         self.db = workdir / "bridge.db"
-        self.log = workdir / "serve.log"
+        self.db_arg = db or str(self.db)
+        self.args = ["--db", self.db_arg, "--broker-url", broker.url]
+        if instance is not None:
+            self.args += ["--instance", instance]
+        self.log = workdir / f"serve-{instance or 'sqlite'}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
+        self.http_port = 0
+
+    def tail(self) -> str:
+        return self.log.read_text()[-1500:] if self.log.exists() else "(no log)"
 
     def start(self) -> None:
-        http = ["--http-listen", f"127.0.0.1:{free_port()}"]
+        self.http_port = free_port()
+        http = ["--http-listen", f"127.0.0.1:{self.http_port}"]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([*CLI, "serve", *self.args, *http], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [*CLI, "serve", *self.args, *http],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "BROKER_BRIDGE_API_KEYS": json.dumps([API_KEY])},
+            )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -116,7 +135,7 @@ def start_device(broker: MosquittoProcess, app_version: str, n: int) -> subproce
     return subprocess.Popen([*CLI, "device", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def settle(admin: Admin, serve: Serve, events: Events, total: int) -> None:
+async def settle(admin: Admin, serve: Serve | Sequence[Serve], events: Events, total: int) -> None:
     """Wait until every invoke is answered and every command has an executed event."""
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
@@ -127,14 +146,23 @@ async def settle(admin: Admin, serve: Serve, events: Events, total: int) -> None
         await asyncio.sleep(0.2)
     raise AssertionError(
         f"not settled: {len(admin.ids)}/{total} answered, {len(admin.sent_at)} unanswered; "
-        f"log tail: {serve.log.read_text()[-1500:]}"
+        f"log tails: {[s.tail() for s in (serve if isinstance(serve, Sequence) else [serve])]}"
     )
+
+
+async def stored_commands(serve: Serve, app_version: str, limit: int) -> list[Command]:
+    """The commands of one app version in the serve's database (SQLite file or PostgreSQL)."""
+    query = CommandQuery(app_version=app_version, limit=limit)
+    if serve.db_arg.startswith("postgresql://"):
+        async with PostgresStore(serve.db_arg) as pg:
+            return await pg.history(query)
+    async with SqliteStore(serve.db) as sqlite:
+        return await sqlite.history(query)
 
 
 async def check_exactly_once(serve: Serve, admin: Admin, events: Events, total: int) -> None:
     """Every command stored once, executed once, with one consistent final event."""
-    async with SqliteStore(serve.db) as store:
-        stored = await store.history(CommandQuery(limit=total * 2))
+    stored = await stored_commands(serve, admin.av, total * 2)
     assert len(stored) == total, "a command was lost or created twice"
     assert sorted(c.payload["seq"] for c in stored) == list(range(total))
     assert {c.id for c in stored} == set(admin.ids.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -12,8 +13,10 @@ import pytest
 
 from broker_bridge.commands import CommandState
 from broker_bridge.errors import CommandFinished, Conflict, StartupError, StoreUnavailable
+from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.service import CommandService
 from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
-from broker_bridge.topics import Format, Target
+from broker_bridge.topics import Format, Target, TopicScheme
 from tests.test_store_contract import REBOOT, T0, new, report
 
 
@@ -198,3 +201,42 @@ async def test_retained_mark_and_observer_survive_across_instances(
     await a.mark_retained(REBOOT, True)
     delivery = await b.delivery(REBOOT, T0)
     assert (delivery.observe, delivery.format, delivery.retained_format) == (False, Format.JSON, Format.JSON)
+
+
+async def test_two_instances_pushing_one_target_never_leave_an_older_list(pg_url: str) -> None:
+    """Instance A publishes a device's list slowly (a slow network); B commits a newer command
+    meanwhile. B's push waits for A's to be acknowledged and then reads the list afresh, so the
+    retained list ends as the database has it. (Without the push locks B's newer list went out
+    first and A's older one replaced it.)"""
+    retained: dict[str, list[int]] = {}
+
+    def keep(p: Publication) -> None:
+        if p.retain and "/command/" in p.topic:
+            retained[p.topic] = [item["id"] for item in json.loads(p.payload or b"[]")]
+
+    async def slow(p: Publication) -> None:
+        await asyncio.sleep(0.3)
+        keep(p)
+
+    async def fast(p: Publication) -> None:
+        keep(p)
+
+    async with PostgresStore(pg_url, instance="a") as a, PostgresStore(pg_url, instance="b") as b:
+        locks = [PushLocks(pg_url), PushLocks(pg_url)]
+        services = [CommandService(store, retained_pushes=True) for store in (a, b)]
+        outboxes = [Outbox(s, TopicScheme(), retain=True, locks=lock) for s, lock in zip(services, locks, strict=True)]
+        for service, outbox in zip(services, outboxes, strict=True):
+            service.announcer = outbox
+        running = [asyncio.create_task(outboxes[0].run(slow)), asyncio.create_task(outboxes[1].run(fast))]
+        try:
+            first = await services[0].invoke(REBOOT, {"n": 1})
+            await asyncio.sleep(0.05)  # A is publishing [first] now
+            second = await services[1].invoke(REBOOT, {"n": 2})
+            await asyncio.sleep(1.0)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            for lock in locks:
+                await lock.close()
+    assert retained == {TopicScheme().push_topic(REBOOT): [first.id, second.id]}

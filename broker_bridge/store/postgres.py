@@ -79,6 +79,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 RETRY_ALONE = (asyncpg.PostgresError,)
 DB_ERRORS = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+BATCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 
 
 @dataclass(slots=True)
@@ -215,7 +216,10 @@ class PostgresStore:
             _fail_all(batch, unavailable(exc))
             return
         except RETRY_ALONE as exc:  # rolled back: run each alone, so only the broken one fails
-            log.warning("store_batch_retried_alone", error=str(exc), size=len(batch))
+            if isinstance(exc, asyncpg.LockNotAvailableError):
+                log.info("store_batch_lock_wait", size=len(batch), hint="another instance holds a row; run alone")
+            else:
+                log.warning("store_batch_retried_alone", error=str(exc), size=len(batch))
             if len(batch) == 1:
                 _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
                 return
@@ -239,6 +243,12 @@ class PostgresStore:
         conn = await self._writer_conn()
         results: Results = []
         async with conn.transaction():
+            if len(batch) > 1:
+                # Two instances' batches lock rows (observers, reported commands) in no common order;
+                # waiting for each other they deadlocked under plain load with few devices, and
+                # PostgreSQL then needs deadlock_timeout (1 s) to notice. A batch gives up quickly
+                # instead and is run again one operation per transaction, which waits normally.
+                await conn.execute(BATCH_LOCK_TIMEOUT)
             for op in batch:
                 try:
                     results.append((await op.fn(conn), None))
@@ -425,6 +435,19 @@ class PostgresStore:
     async def unannounced(self, after_id: int, limit: int) -> list[Command]:
         found = await self._rows(sql.UNANNOUNCED, after_id, limit, self.instance)
         return [rows.to_command(r) for r in found]
+
+    async def shared_secret(self, name: str, make: Callable[[], str]) -> tuple[str, bool]:
+        """The value every instance shares under ``name``, made now if there is none; and whether
+        this call made it (the first instance to start)."""
+        candidate = make()
+
+        async def op(conn: Conn) -> tuple[str, bool]:
+            made = await conn.fetchval(sql.INSERT_SECRET, name, candidate)
+            value = made if made is not None else await conn.fetchval(sql.SELECT_SECRET, name)
+            return str(value), made is not None
+
+        result: tuple[str, bool] = await self._submit(op)
+        return result
 
     # -- the device registry --------------------------------------------------------------------
     async def add_device(self, device: Device) -> Device:

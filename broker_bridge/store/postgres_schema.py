@@ -71,6 +71,11 @@ MIGRATIONS: list[str] = [
         updated_at BIGINT NOT NULL,
         UNIQUE (app_version, endpoint_token)
     );
+    -- Values generated once and shared by every instance (the API key when none is configured).
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
     -- Every instance that ever ran against this database; running ones hold their advisory lock.
     CREATE TABLE instances (
         name TEXT PRIMARY KEY,

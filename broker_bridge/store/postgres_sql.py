@@ -112,4 +112,8 @@ SELECT_DEVICE_FOR = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE app_versio
 DEVICES = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
 DELETE_DEVICE = "DELETE FROM devices WHERE device_id = $1"
 
+INSERT_SECRET = "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING value"
+SELECT_SECRET = "SELECT value FROM secrets WHERE name = $1"
+API_KEY_QUERY = "SELECT value FROM secrets WHERE name = 'api_key'"  # for the operator, with psql
+
 FINAL_CHANNEL = "broker_bridge_final"  # NOTIFY payload: comma-separated ids of commands that became final
