@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
@@ -38,6 +39,7 @@ SWEEP_BATCH = 1000
 # 0.9 s by 10000 and more), so the expiry sweep takes big bites.
 EXPIRE_BATCH = 10_000
 SHUTDOWN_GRACE_S = 10.0
+ORPHAN_SWEEP_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             tasks.create_task(_sweep(service.purge_finished, RETENTION_SWEEP_S), name="retention-sweeper")
             if parts.postgres is not None:
                 tasks.create_task(parts.postgres.listen(), name="postgres-listen")
+                tasks.create_task(_adopt_orphans(parts.postgres, parts.outbox, service), name="orphan-events")
             if parts.lease is not None:
                 tasks.create_task(parts.lease.keep(), name="instance-lease")
             tasks.create_task(_announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), name="ready")
@@ -204,6 +207,25 @@ async def _api_keys(settings: Settings, postgres: PostgresStore | None) -> list[
         read_it_with = f'psql "$DB_URL" -tAc "{API_KEY_QUERY}"'
         log.warning("api_key_generated", stored_in="the database", read_it_with=read_it_with)
     return [key]
+
+
+async def _adopt_orphans(postgres: PostgresStore, outbox: Outbox, service: CommandService) -> None:
+    """Publish the events an instance left unannounced when it died and did not come back (it
+    would publish them itself on its return)."""
+    while True:
+        await asyncio.sleep(ORPHAN_SWEEP_S)
+        try:
+            while True:
+                grace = service.clock() - timedelta(seconds=ORPHAN_SWEEP_S)
+                adopted = await postgres.adopt_orphans(grace, SWEEP_BATCH)
+                for command in adopted:
+                    outbox.command_changed(command)
+                if adopted:
+                    log.info("orphan_events_adopted", count=len(adopted))
+                if len(adopted) < SWEEP_BATCH:
+                    break
+        except StoreUnavailable as exc:
+            log.error("sweep_failed", sweep="orphan-events", reason=exc.reason, retry_in_s=ORPHAN_SWEEP_S)
 
 
 async def _sweep(step: Callable[[int], Awaitable[int]], interval_s: float, batch: int = SWEEP_BATCH) -> None:

@@ -11,9 +11,11 @@ from datetime import timedelta
 
 import pytest
 
+from broker_bridge import service as service_module
 from broker_bridge.commands import CommandState
 from broker_bridge.errors import CommandFinished, Conflict, StartupError, StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.protocol import ResultItem
 from broker_bridge.service import CommandService
 from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
 from broker_bridge.topics import Format, Target, TopicScheme
@@ -240,3 +242,57 @@ async def test_two_instances_pushing_one_target_never_leave_an_older_list(pg_url
             for lock in locks:
                 await lock.close()
     assert retained == {TopicScheme().push_topic(REBOOT): [first.id, second.id]}
+
+
+async def test_a_wait_on_one_instance_ends_with_the_result_another_took_in(
+    pair: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """execute_command / awaitTimeout on instance A while the device's result reaches instance B:
+    A's waiter is woken by B's NOTIFY (the periodic re-read is pushed out of reach here)."""
+    monkeypatch.setattr(service_module, "RECHECK_S", 60.0)
+    a, b = pair
+    waiting_side, reporting_side = CommandService(a), CommandService(b)
+    a.on_finished = waiting_side.finished_elsewhere
+    listening = asyncio.create_task(a.listen())
+    try:
+        for _ in range(100):
+            if a._listener is not None:
+                break
+            await asyncio.sleep(0.02)
+        command = await waiting_side.invoke(REBOOT, {"n": 1})
+        waiter = asyncio.create_task(waiting_side.wait_final(command.id, 10.0))
+        await asyncio.sleep(0.1)
+        item = ResultItem.model_validate({"id": command.id, "statusCode": 200, "reasonPhrase": "OK", "payload": "done"})
+        await reporting_side.report(REBOOT, [item])
+        final = await asyncio.wait_for(waiter, 5.0)
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+    assert final.state is CommandState.EXECUTED
+    assert final.result_payload == "done"
+
+
+async def test_events_of_an_instance_that_does_not_come_back_are_adopted_once(pg_url: str) -> None:
+    """A dead instance's unannounced events: a running instance adopts them (once, though two
+    adopt at the same moment); a running instance's own are never taken; CLI leftovers after the
+    grace period."""
+    async with (
+        PostgresStore(pg_url, instance="dead") as dead,
+        PostgresStore(pg_url, instance="alive") as alive,
+        PostgresStore(pg_url, instance="other") as other,
+        PostgresStore(pg_url) as cli,
+        InstanceLease(pg_url, "alive", embedded_broker=False),
+        InstanceLease(pg_url, "other", embedded_broker=False),
+    ):
+        async with InstanceLease(pg_url, "dead", embedded_broker=False):
+            left = [await dead.create(new(target(i))) for i in range(30)]
+            assert await alive.adopt_orphans(T0, 100) == []  # "dead" is still running
+        own = await alive.create(new(target(99)))
+        from_cli = await cli.create(new(target(98)))
+        later = from_cli.updated_at + timedelta(seconds=1)
+        first, second = await asyncio.gather(alive.adopt_orphans(later, 100), other.adopt_orphans(later, 100))
+        adopted = sorted(c.id for c in [*first, *second])
+        assert adopted == sorted([c.id for c in left] + [from_cli.id])
+        assert own.id not in adopted
+        assert await alive.adopt_orphans(later, 100) == []  # adopted rows belong to running instances now

@@ -436,6 +436,19 @@ class PostgresStore:
         found = await self._rows(sql.UNANNOUNCED, after_id, limit, self.instance)
         return [rows.to_command(r) for r in found]
 
+    async def adopt_orphans(self, older_than: datetime, limit: int) -> list[Command]:
+        """Take over the unannounced events of instances that are not running (and of CLI runs
+        whose flush failed, changed before ``older_than``); this instance publishes them now."""
+        if self.instance is None:
+            return []
+
+        async def op(conn: Conn) -> list[Command]:
+            found = await conn.fetch(sql.ADOPT_ORPHANS, self.instance, rows.to_us(older_than), limit)
+            return sorted((rows.to_command(r) for r in found), key=lambda c: c.id)
+
+        result: list[Command] = await self._submit(op)
+        return result
+
     async def shared_secret(self, name: str, make: Callable[[], str]) -> tuple[str, bool]:
         """The value every instance shares under ``name``, made now if there is none; and whether
         this call made it (the first instance to start)."""

@@ -83,6 +83,14 @@ UNANNOUNCED = (
     f"SELECT {COLUMNS} FROM commands WHERE announced = 0 AND id > $1 "
     f"AND (announcer IS NULL OR announcer = $3 OR announcer NOT IN ({RUNNING_INSTANCES})) ORDER BY id LIMIT $2"
 )
+# Events nobody is going to publish: left by an instance that is not running, or by a one-shot CLI
+# run whose broker flush failed (no announcer, and older than a grace period). The adopter
+# publishes them (at least once: a CLI flush may still be under way).
+ADOPT_ORPHANS = (
+    "UPDATE commands SET announcer = $1 WHERE id IN (SELECT id FROM commands WHERE announced = 0 "
+    f"AND (announcer NOT IN ({RUNNING_INSTANCES}) OR (announcer IS NULL AND updated_at < $2)) "
+    f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+)
 INSTANCE_RECORDS = (
     "SELECT i.name, i.host, i.pid, i.embedded_broker, "
     "i.name = ANY(ARRAY(" + RUNNING_INSTANCES + ")) AS running FROM instances i ORDER BY i.name"
