@@ -165,6 +165,46 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 baseline_ratio=ratio(fanout["all_executed_s"], ideal),
             )
         )
+    scale_out = s.get("scaleout")
+    if scale_out:
+        rows += _scaleout_targets(scale_out)
+    return rows
+
+
+def _scaleout_targets(scale_out: dict[str, Any]) -> list[dict[str, Any]]:
+    by = {(r["engine"], r["instances"]): r for r in scale_out["runs"]}
+    one, two, lite = by[("postgresql", 1)], by[("postgresql", 2)], by[("sqlite", 1)]
+    rows = [
+        _row(
+            "bridge CPU per executed command, 2 instances ÷ 1 (PostgreSQL, Mosquitto)",
+            scale_out["cpu_per_command_2_vs_1"],
+            1.15,
+            "<=",
+            "ratio",
+            f"{two['bridge_cpu_ms_per_command']} / {one['bridge_cpu_ms_per_command']} ms",
+        ),
+        _row(
+            "executed/s, PostgreSQL 1 instance ÷ SQLite 1 instance",
+            scale_out["postgres_vs_sqlite_executed"],
+            0.8,
+            ">=",
+            "ratio",
+            f"{one['executed_per_s']} / {lite['executed_per_s']}",
+        ),
+    ]
+    big = _get(scale_out, "storage", "at_scale")
+    if big:
+        db_rows = _get(scale_out, "storage", "database", "rows")
+        full = db_rows == SPEC["storage_rows"]
+        for label, value in (
+            ("get by id", big["get"]["p99_ms"]),
+            ("poll one endpoint", big["poll"]["p99_ms"]),
+            ("outstanding list", big["delivery"]["p99_ms"]),
+            ("history page, worst filter", big["history_worst_p99_ms"]),
+        ):
+            rows.append(_row(f"PostgreSQL {label} p99, {db_rows:,} rows", value, 10.0, "<=", "ms", "store method",
+                             full_scale=full))
+        rows.append(_expire_row(f"PostgreSQL: expire {big['expire']['due']:,} due commands", big["expire"]))
     return rows
 
 
@@ -368,6 +408,31 @@ def markdown(results: dict[str, Any]) -> str:
                 f"- **{broker}** ({p['samples_active']} active samples, {_fmt(p['load'].get('per_s'))} executed/s "
                 f"while profiled): {cats}.",
                 f"  Top self: {tops}.",
+            ]
+    scale_out = s.get("scaleout")
+    if scale_out:
+        out += [
+            "",
+            "## 5. Scale-out (Mosquitto; PostgreSQL " + str(scale_out.get("postgres")) + ")",
+            "",
+            "| database | instances | executed/s | invoke→executed p50 / p99 ms | bridge CPU ms per command "
+            "| CPU (cores) |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for run in scale_out["runs"]:
+            out.append(
+                f"| {run['engine']} | {run['instances']} | {_fmt(run['executed_per_s'])} "
+                f"| {_lat(run['latency_ms'].get('latency'))} | {run['bridge_cpu_ms_per_command']} "
+                f"| {_cpu(run['cpu_cores'])} |"
+            )
+        big = _get(scale_out, "storage", "at_scale")
+        if big:
+            hist = "; ".join(f"{k} {v['p99_ms']}" for k, v in big["history"].items())
+            out += [
+                "",
+                f"PostgreSQL storage, {_get(scale_out, 'storage', 'database', 'rows'):,} rows: p99 ms get "
+                f"{big['get']['p99_ms']}, poll {big['poll']['p99_ms']}, delivery {big['delivery']['p99_ms']}, "
+                f"history {hist}; expire {big['expire']['expired']:,} in {big['expire']['seconds']} s.",
             ]
     if results.get("errors"):
         out += ["", "## Errors", ""] + [f"- {name}: {error}" for name, error in results["errors"].items()]

@@ -27,11 +27,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import common, e2e, echo, echo_gmqtt, profiling, report, storage
+from bench import common, e2e, echo, echo_gmqtt, profiling, report, scaleout, storage
 from bench.common import BROKERS, ROOT, Broker, Children, mosquitto_binary
 from bench.progress import Tracker
 
-SCENARIOS = ("echo", "e2e", "storage", "fanout", "profile")
+SCENARIOS = ("echo", "e2e", "storage", "fanout", "profile", "scaleout")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Scale:
     profile_count: int
     profile_brokers: tuple[Broker, ...]
     timeout_s: float
+    scaleout_count: int = 3_000
+    scaleout_rows: int = 1_000_000
     window: int = 64
     fanout_window: int = 1000
     rss_settle_s: float = 2.0
@@ -87,6 +89,8 @@ SCALES = {
         profile_brokers=("mosquitto",),
         timeout_s=60.0,
         rss_settle_s=1.0,
+        scaleout_count=400,
+        scaleout_rows=50_000,
     ),
     "tiny": Scale(
         echo_w64=150,
@@ -104,6 +108,8 @@ SCALES = {
         timeout_s=30.0,
         rss_settle_s=0.3,
         profile_rate_hz=200,
+        scaleout_count=100,
+        scaleout_rows=3_000,
         scenarios=("echo", "e2e", "storage", "fanout"),
     ),
 }
@@ -119,6 +125,7 @@ def _steps(scenarios: list[str], brokers: list[Broker], scale: Scale) -> int:
             "storage": 6,
             "fanout": 2 if "mosquitto" in brokers else 0,
             "profile": len([b for b in scale.profile_brokers if b in brokers]),
+            "scaleout": 2 * len(scaleout.CONFIGS) + 3 if "mosquitto" in brokers else 0,
         }[name]
     return count
 
@@ -216,6 +223,23 @@ def _plan(
                         devices=scale.fanout_devices,
                         device_procs=scale.fanout_procs,
                         window=scale.fanout_window,
+                        log_level=log_level,
+                        **shared,
+                    ),
+                )
+            )
+        elif name == "scaleout" and "mosquitto" in brokers:
+            steps.append(
+                (
+                    ("scaleout",),
+                    partial(
+                        scaleout.measure,
+                        endpoints=scale.e2e_endpoints,
+                        count=scale.scaleout_count,
+                        window=scale.window,
+                        rows=scale.scaleout_rows,
+                        storage_endpoints=scale.storage_endpoints,
+                        samples=scale.storage_samples,
                         log_level=log_level,
                         **shared,
                     ),

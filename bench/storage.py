@@ -182,9 +182,14 @@ def _history_shapes(rng: random.Random, endpoints: int) -> dict[str, Callable[[]
     }
 
 
-async def measure_expiry(path: Path, due: int, tracker: Tracker, label: str, expire_limit: int) -> dict[str, Any]:
+Opener = Callable[[], Any]  # () -> an async context manager giving a CommandStore
+
+
+async def measure_expiry(
+    path: Path, due: int, tracker: Tracker, label: str, expire_limit: int, opener: Opener | None = None
+) -> dict[str, Any]:
     """Expire every due command the way the sweeper does: ``store.expire_due`` a batch at a time."""
-    async with SqliteStore(path) as store:
+    async with (opener or partial(SqliteStore, path))() as store:
         with tracker.step(f"storage {label}: expire {due} due commands", total=due) as advance:
             started = time.perf_counter()
             expired = 0
@@ -205,8 +210,16 @@ async def measure_expiry(path: Path, due: int, tracker: Tracker, label: str, exp
 
 
 async def measure_store(
-    path: Path, info: dict[str, Any], samples: int, tracker: Tracker, label: str, expire_limit: int | None = None
+    path: Path,
+    info: dict[str, Any],
+    samples: int,
+    tracker: Tracker,
+    label: str,
+    expire_limit: int | None = None,
+    opener: Opener | None = None,
 ) -> dict[str, Any]:
+    """get / poll / delivery / history latency and the expiry of every due command; on the SQLite
+    file ``path``, or on the store ``opener`` opens (the PostgreSQL scenario)."""
     rng = random.Random(11)
     expire_limit = expire_limit or service_expire_batch()
     rows, endpoints = info["rows"], info["endpoints"]
@@ -215,7 +228,7 @@ async def measure_store(
     shapes = _history_shapes(rng, endpoints)
     per_shape = max(5, samples // len(shapes))
     total = samples * 3 + per_shape * len(shapes)
-    async with SqliteStore(path) as store:
+    async with (opener or partial(SqliteStore, path))() as store:
 
         def target() -> Target:
             return Target(
@@ -235,7 +248,7 @@ async def measure_store(
                 history[name] = await _timed([partial(store.history, q) for q in queries], advance)
             results["history"] = history
             results["history_worst_p99_ms"] = max(h["p99_ms"] for h in history.values())
-    results["expire"] = await measure_expiry(path, info["due"], tracker, label, expire_limit)
+    results["expire"] = await measure_expiry(path, info["due"], tracker, label, expire_limit, opener)
     return results
 
 

@@ -79,7 +79,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 RETRY_ALONE = (asyncpg.PostgresError,)
 DB_ERRORS = (*CONNECTION_ERRORS, asyncpg.PostgresError)
-BATCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
+# Two instances' batches lock rows (observers, reported commands) in no common order; waiting for
+# each other they deadlocked under plain load with few devices, and PostgreSQL needs
+# deadlock_timeout (1 s) to notice. So the writer's session gives up on a lock after 100 ms, and the
+# batch is run again one operation per transaction that waits as long as it takes (PATIENT).
+WRITER_SETTINGS = {"lock_timeout": "100ms"}
+PATIENT = "SET LOCAL lock_timeout = 0"
 
 
 @dataclass(slots=True)
@@ -153,8 +158,10 @@ class PostgresStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 2)
 
-    async def _connect(self) -> Conn:
-        conn: Conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s, command_timeout=30)
+    async def _connect(self, settings: dict[str, str] | None = None) -> Conn:
+        conn: Conn = await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout_s, command_timeout=30, server_settings=settings
+        )
         return conn
 
     async def listen(self) -> None:
@@ -204,12 +211,12 @@ class PostgresStore:
 
     async def _writer_conn(self) -> Conn:
         if self._writer is None or self._writer.is_closed():
-            self._writer = await self._connect()
+            self._writer = await self._connect(WRITER_SETTINGS)
         return self._writer
 
-    async def _run_batch(self, batch: list[_Op]) -> None:
+    async def _run_batch(self, batch: list[_Op], *, patient: bool = False) -> None:
         try:
-            results = await self._transaction(batch)
+            results = await self._transaction(batch, patient)
         except CONNECTION_ERRORS as exc:
             await self._drop_writer()
             log.error("store_batch_failed", error=str(exc), size=len(batch))
@@ -220,11 +227,11 @@ class PostgresStore:
                 log.info("store_batch_lock_wait", size=len(batch), hint="another instance holds a row; run alone")
             else:
                 log.warning("store_batch_retried_alone", error=str(exc), size=len(batch))
-            if len(batch) == 1:
+            if patient:
                 _fail_all(batch, StoreUnavailable(f"database error: {exc}"))
                 return
             for op in batch:
-                await self._run_batch([op])
+                await self._run_batch([op], patient=True)
             return
         except Exception as exc:  # a bug in one operation: the batch is lost, the store lives on
             log.exception("store_batch_crashed", size=len(batch))
@@ -239,16 +246,12 @@ class PostgresStore:
         for op, (value, error) in zip(batch, results, strict=True):
             _resolve(op.future, value, error)
 
-    async def _transaction(self, batch: list[_Op]) -> Results:
+    async def _transaction(self, batch: list[_Op], patient: bool) -> Results:
         conn = await self._writer_conn()
         results: Results = []
         async with conn.transaction():
-            if len(batch) > 1:
-                # Two instances' batches lock rows (observers, reported commands) in no common order;
-                # waiting for each other they deadlocked under plain load with few devices, and
-                # PostgreSQL then needs deadlock_timeout (1 s) to notice. A batch gives up quickly
-                # instead and is run again one operation per transaction, which waits normally.
-                await conn.execute(BATCH_LOCK_TIMEOUT)
+            if patient:
+                await conn.execute(PATIENT)
             for op in batch:
                 try:
                     results.append((await op.fn(conn), None))
@@ -296,9 +299,12 @@ class PostgresStore:
                 found := await _find_idempotent(conn, target, new.idempotency_key)
             ):
                 return Created(command=found, created=False, delivery=None)
-            open_count = await conn.fetchval(sql.OPEN_COUNT, target.app_version, target.endpoint_token)
-            check_open_limit(open_count, max_open, target)
-            command = await self._insert(conn, new)
+            command_id = await conn.fetchval(sql.SUBMIT, *rows.insert_params(new), self.instance, max_open)
+            if command_id is None:  # nothing written: the limit, or the key taken meanwhile
+                open_count = await conn.fetchval(sql.OPEN_COUNT, target.app_version, target.endpoint_token)
+                check_open_limit(open_count, max_open, target)
+                raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
+            command = commands.create(new, command_id)
             delivery = await _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
                 await conn.execute(sql.MARK_RETAINED, *rows.target_params(target), delivery.format.value)
@@ -569,9 +575,16 @@ async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | 
 
 
 async def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
-    observe, fmt, retained_fmt = await _observer(conn, target)
-    outstanding = await _outstanding(conn, target, now)
-    return Delivery(target=target, observe=observe, format=fmt, commands=outstanding, retained_format=retained_fmt)
+    found = await conn.fetch(sql.DELIVERY, *rows.target_params(target), rows.to_us(now))
+    observe, fmt, retained_fmt = found[0][0:3]
+    outstanding = tuple(rows.to_command(r[3:]) for r in found if r[3] is not None)
+    return Delivery(
+        target=target,
+        observe=True if observe is None else bool(observe),
+        format=Format.PLAIN if fmt is None else Format(fmt),
+        commands=outstanding,
+        retained_format=None if retained_fmt is None else Format(retained_fmt),
+    )
 
 
 async def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:

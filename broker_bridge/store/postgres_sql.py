@@ -28,6 +28,15 @@ INSERT = numbered(
     "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced, announcer) "
     "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
+# An invoke's insert, unless the endpoint already has $13 open commands: one round trip instead of a
+# count and an insert. No row back: the limit, or the idempotency key taken (the caller tells which).
+SUBMIT = (
+    "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced, announcer) "
+    "SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10, 0, $11 WHERE (SELECT count(*) FROM commands "
+    f"WHERE app_version = $1 AND endpoint_token = $2 AND state IN {OPEN}) < $12 "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
 FIND_IDEMPOTENT = numbered(rows.FIND_IDEMPOTENT)
 SELECT_ONE = f"SELECT {COLUMNS} FROM commands WHERE id = $1"
 # Reports and cancels lock the row they decide on: another instance's decision on it waits.
@@ -41,6 +50,17 @@ OUTSTANDING = numbered(rows.OUTSTANDING)
 OPEN_TARGETS = numbered(rows.OPEN_TARGETS)
 OPEN_TARGETS_OF = numbered(rows.OPEN_TARGETS + " AND app_version = ? AND endpoint_token = ? ORDER BY command_type")
 SELECT_OBSERVER = numbered(rows.SELECT_OBSERVER)
+# A delivery in one round trip: the observer's columns (NULL when it has no row) on every row, then
+# the outstanding commands (none: one row of NULLs). Measured: the two separate reads were 40% of the
+# store's time under load (each a round trip, three per command).
+DELIVERY = (
+    "SELECT o.observe, o.format, CASE WHEN o.retained = 1 THEN coalesce(o.retained_format, o.format) END, "
+    + ", ".join(f"c.{column.strip()}" for column in COLUMNS.split(","))
+    + " FROM (SELECT 1) AS one "
+    "LEFT JOIN observers o ON o.app_version = $1 AND o.endpoint_token = $2 AND o.command_type = $3 "
+    f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM commands WHERE app_version = $1 AND endpoint_token = $2 "
+    f"AND command_type = $3 AND state IN {OPEN} AND expires_at > $4 ORDER BY id) c ON true ORDER BY c.id"
+)
 ON_TARGET = "ON CONFLICT (app_version, endpoint_token, command_type)"
 UPSERT_OBSERVER = numbered(
     "INSERT INTO observers AS o (app_version, endpoint_token, command_type, observe, format) "
