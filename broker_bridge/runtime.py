@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -183,6 +184,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             broker_connected=bridge.connected.is_set,
         )
         async with asyncio.TaskGroup() as tasks:
+            _log_failures(tasks)
             tasks.create_task(bridge.run(), name="mqtt-bridge")
             tasks.create_task(http_server.serve(app, http_socket), name="http")
             tasks.create_task(
@@ -195,6 +197,25 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             if parts.lease is not None:
                 tasks.create_task(parts.lease.keep(), name="instance-lease")
             tasks.create_task(_announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), name="ready")
+
+
+def _log_failures(tasks: asyncio.TaskGroup) -> None:
+    """Log a task's failure the moment it happens: the TaskGroup then stops the others, and the
+    exception itself surfaces only once they all have (which may take the shutdown grace)."""
+    create = tasks.create_task
+
+    def create_logged(coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
+        task = create(coro, name=name, context=context)
+        task.add_done_callback(_report_failure)
+        return task
+
+    tasks.create_task = create_logged  # type: ignore[method-assign]
+
+
+def _report_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        log.error("service_task_failed", task=task.get_name(), error=f"{type(error).__name__}: {error}")
 
 
 async def _api_keys(settings: Settings, postgres: PostgresStore | None) -> list[str]:

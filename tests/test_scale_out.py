@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests import pg
-from tests.conftest import MosquittoProcess, skip_or_fail
+from tests.conftest import MosquittoProcess, free_port, skip_or_fail
 from tests.streams import (
     API_KEY,
     CLI,
@@ -223,6 +223,8 @@ async def _stream_with_outage(admin: Admin, fleet: list[Serve], server: pg.OwnPo
             await asyncio.to_thread(server.stop, "fast")
             async with httpx.AsyncClient(timeout=10) as http:
                 for serve in fleet:
+                    assert serve.proc is not None
+                    assert serve.proc.poll() is None, f"an instance exited when PostgreSQL stopped: {serve.tail()}"
                     base = f"http://127.0.0.1:{serve.http_port}"
                     ready = await http.get(f"{base}/readyz")
                     api = await http.get(f"{base}/v3/devices", headers={"X-Enapter-Auth-Token": API_KEY})
@@ -231,3 +233,28 @@ async def _stream_with_outage(admin: Admin, fleet: list[Serve], server: pg.OwnPo
             await asyncio.to_thread(server.start)
         await admin.send(seq)
     return answers
+
+
+@pytest.mark.mosquitto
+def test_second_instance_with_a_running_name_is_refused(
+    tmp_path: Path, mosquitto: MosquittoProcess, pg_url: str
+) -> None:
+    """`serve --instance b1` twice on one database: the second exits at once naming the clash; the
+    first goes on; another name starts."""
+    first = Serve(tmp_path, mosquitto, db=pg_url, instance="b1")
+    first.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "service_ready" not in first.tail() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "service_ready" in first.tail()
+        argv = [*CLI, "serve", "--db", pg_url, "--broker-url", mosquitto.url, "--instance", "b1"]
+        argv += ["--http-listen", f"127.0.0.1:{free_port()}"]
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        assert second.returncode == 2
+        assert "an instance named 'b1' is already running" in second.stderr
+        assert "--instance" in second.stderr
+        assert first.proc is not None
+        assert first.proc.poll() is None
+    finally:
+        first.stop()

@@ -75,6 +75,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.InternalClientError,  # "cannot switch to state ...": the connection's state is lost
     TimeoutError,
 )
 RETRY_ALONE = (asyncpg.PostgresError,)
@@ -670,26 +671,32 @@ class InstanceLease:
         except DB_ERRORS as exc:
             raise StartupError(f"cannot open database: {exc}") from None
         try:
-            if not await conn.fetchval(sql.TRY_INSTANCE_LOCK, self.name):
-                raise StartupError(
-                    f"an instance named {self.name!r} is already running against this database; "
-                    "give each instance its own --instance NAME (setting 'instance')"
-                )
-            others = [r for r in await instances(conn) if r.running and r.name != self.name]
-            clash = [r.name for r in others if r.embedded_broker or self.embedded_broker]
-            if clash:
-                raise StartupError(
-                    f"instance {clash[0]!r} is running against this database; several instances need an "
-                    "external MQTT broker (--broker-url) for all of them, not the embedded one"
-                )
-            await conn.execute(
-                sql.REGISTER_INSTANCE, self.name, socket.gethostname(), os.getpid(), self.embedded_broker
-            )
+            await self._register(conn)
+        except DB_ERRORS as exc:  # the server went away meanwhile: retried by ``keep``
+            conn.terminate()
+            raise StartupError(f"cannot claim instance {self.name!r}: {exc}") from None
         except BaseException:
-            await conn.close()
+            conn.terminate()
             raise
         conn.add_termination_listener(lambda _: self.lost.set())
         self._conn = conn
+
+    async def _register(self, conn: Conn) -> None:
+        if not await conn.fetchval(sql.TRY_INSTANCE_LOCK, self.name):
+            raise StartupError(
+                f"an instance named {self.name!r} is already running against this database; "
+                "give each instance its own --instance NAME (setting 'instance')"
+            )
+        others = [r for r in await instances(conn) if r.running and r.name != self.name]
+        clash = [r.name for r in others if r.embedded_broker or self.embedded_broker]
+        if clash:
+            raise StartupError(
+                f"instance {clash[0]!r} is running against this database; several instances need an "
+                "external MQTT broker (--broker-url) for all of them, not the embedded one"
+            )
+        await conn.execute(
+            sql.REGISTER_INSTANCE, self.name, socket.gethostname(), os.getpid(), self.embedded_broker
+        )
 
     async def keep(self) -> None:
         """Hold the claim until cancelled; after a lost connection, claim again (retrying while the
