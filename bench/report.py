@@ -305,7 +305,8 @@ def markdown(results: dict[str, Any]) -> str:
         unit = "" if row["unit"] == "ratio" else f" {row['unit']}"
         out.append(
             f"| {row['name']} | {_fmt(row['value'], 3 if row['unit'] == 'ratio' else 2)}{unit} | {row['op']} "
-            f"{_fmt(row['target'])}{unit} | {met} | {row['basis']} | {_fmt(row['baseline_ratio'], 2)} |"
+            f"{_fmt(row['target'], 2 if row['unit'] == 'ratio' else 1)}{unit} | {met} | {row['basis']} "
+            f"| {_fmt(row['baseline_ratio'], 2)} |"
         )
     out.append("")
     out.append("xbaseline: the same figure at scale ÷ on the 1% database (storage), ÷ the steady e2e rate (fan-out).")

@@ -9,7 +9,7 @@ import fcntl
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -184,32 +184,22 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             broker_connected=bridge.connected.is_set,
         )
         async with asyncio.TaskGroup() as tasks:
-            _log_failures(tasks)
-            tasks.create_task(bridge.run(), name="mqtt-bridge")
-            tasks.create_task(http_server.serve(app, http_socket), name="http")
-            tasks.create_task(
-                _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), name="expiry-sweeper"
-            )
-            tasks.create_task(_sweep(service.purge_finished, RETENTION_SWEEP_S), name="retention-sweeper")
+            _spawn(tasks, bridge.run(), "mqtt-bridge")
+            _spawn(tasks, http_server.serve(app, http_socket), "http")
+            _spawn(tasks, _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), "expiry-sweeper")
+            _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
             if parts.postgres is not None:
-                tasks.create_task(parts.postgres.listen(), name="postgres-listen")
-                tasks.create_task(_adopt_orphans(parts.postgres, parts.outbox, service), name="orphan-events")
+                _spawn(tasks, parts.postgres.listen(), "postgres-listen")
+                _spawn(tasks, _adopt_orphans(parts.postgres, parts.outbox, service), "orphan-events")
             if parts.lease is not None:
-                tasks.create_task(parts.lease.keep(), name="instance-lease")
-            tasks.create_task(_announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), name="ready")
+                _spawn(tasks, parts.lease.keep(), "instance-lease")
+            _spawn(tasks, _announce_ready(settings, bridge, lambda: on_ready and on_ready(service)), "ready")
 
 
-def _log_failures(tasks: asyncio.TaskGroup) -> None:
-    """Log a task's failure the moment it happens: the TaskGroup then stops the others, and the
-    exception itself surfaces only once they all have (which may take the shutdown grace)."""
-    create = tasks.create_task
-
-    def create_logged(coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
-        task = create(coro, name=name, context=context)
-        task.add_done_callback(_report_failure)
-        return task
-
-    tasks.create_task = create_logged  # type: ignore[method-assign]
+def _spawn(tasks: asyncio.TaskGroup, coro: Coroutine[Any, Any, Any], name: str) -> None:
+    """Start a service task whose failure is logged the moment it happens: the TaskGroup then stops
+    the others, and the exception itself surfaces only once they all have (up to the grace)."""
+    tasks.create_task(coro, name=name).add_done_callback(_report_failure)
 
 
 def _report_failure(task: asyncio.Task[Any]) -> None:

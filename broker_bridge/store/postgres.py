@@ -134,9 +134,11 @@ class PostgresStore:
             raise StartupError(f"cannot open database: {exc}") from None
         try:
             if self.migrate:
-                await migrate(conn)
+                await migrate(conn)  # waits for another instance's migration: no lock timeout yet
             else:
                 await check_schema(conn)
+            for name, value in WRITER_SETTINGS.items():  # now the writer's own settings
+                await conn.execute(f"SET {name} = '{value}'")
         except BaseException:
             await conn.close()
             raise
