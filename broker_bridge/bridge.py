@@ -356,6 +356,10 @@ class Bridge:
                 command = await self.service.invoke(
                     req.target, body.payload, body.ttl, idempotency_key=body.idempotency_key
                 )
+            elif req.action is AdminAction.RERUN:
+                assert req.command_id is not None
+                rerun = protocol.parse_rerun(payload)
+                command = await self.service.rerun(req.command_id, rerun.ttl, target=req.target)
             else:
                 assert req.command_id is not None
                 command = await self.service.cancel(req.command_id, req.target)

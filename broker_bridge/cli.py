@@ -1,4 +1,4 @@
-"""``broker-bridge``: serve, invoke, list, show, cancel, device. Thin: parse, build settings, call."""
+"""``broker-bridge``: serve, invoke, list, show, cancel, rerun, device(s). Thin: parse, build settings, call."""
 
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", type=int)
     cancel = sub.add_parser("cancel", help="cancel an outstanding command")
     cancel.add_argument("id", type=int)
-    for command_parser in (invoke, listing, show, cancel):
+    rerun = sub.add_parser("rerun", help="invoke a command again (same device, type and payload)")
+    rerun.add_argument("id", type=int)
+    rerun.add_argument("--ttl", type=float, help="seconds the re-run stays deliverable (default: the original's)")
+    for command_parser in (invoke, listing, show, cancel, rerun):
         _common(command_parser)
         command_parser.add_argument("--json", action="store_true", help="print the command record(s) as JSON")
     _device_parser(sub.add_parser("device", help="simulate a KP1 device that answers commands"))
@@ -182,6 +185,12 @@ async def _invoke(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     command: Command = await _with_service(settings, lambda s: s.cancel(args.id))
+    _print_command(command, args.json)
+    return 0
+
+
+async def _rerun(args: argparse.Namespace, settings: Settings) -> int:
+    command: Command = await _with_service(settings, lambda s: s.rerun(args.id, args.ttl))
     _print_command(command, args.json)
     return 0
 
@@ -327,6 +336,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "list": _list,
     "show": _show,
     "cancel": _cancel,
+    "rerun": _rerun,
     "device": _device,
     "devices": _devices,
 }

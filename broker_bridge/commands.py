@@ -64,6 +64,7 @@ class NewCommand:
     request_name: str | None = None  # the alias the operator used, when not the command type
     ephemeral: bool = False  # hidden from default listings, deleted a day after creation
     idempotency_key: str | None = None  # a second invoke with this key returns this command
+    rerun_of: int | None = None  # the command this one re-runs (same device, type and payload)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +85,7 @@ class Command:
     request_name: str | None = None
     ephemeral: bool = False
     idempotency_key: str | None = None
+    rerun_of: int | None = None
 
     @property
     def is_open(self) -> bool:
@@ -109,6 +111,7 @@ def create(new: NewCommand, command_id: int) -> Command:
         request_name=new.request_name,
         ephemeral=new.ephemeral,
         idempotency_key=new.idempotency_key,
+        rerun_of=new.rerun_of,
     )
 
 
@@ -182,6 +185,7 @@ def to_record(command: Command) -> dict[str, Any]:
         "createdAt": rfc3339(command.created_at),
         "updatedAt": rfc3339(command.updated_at),
         "expiresAt": rfc3339(command.expires_at),
+        "rerunOf": command.rerun_of,
         "log": [report_record(r) for r in command.log],
     }
 

@@ -51,10 +51,14 @@ class InvokeBody(BaseModel):
     @field_validator("ttl", mode="before")
     @classmethod
     def _ttl_is_a_number(cls, value: Any) -> Any:
-        # Lax float parsing would take true as 1 s and "60" as 60 s.
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError("ttl must be a number of seconds")
-        return value
+        return ttl_is_a_number(value)
+
+
+def ttl_is_a_number(value: Any) -> Any:
+    """Lax float parsing would take true as 1 s and "60" as 60 s."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("ttl must be a number of seconds")
+    return value
 
 
 _RESULTS = TypeAdapter(list[ResultItem] | ResultItem)
@@ -203,6 +207,31 @@ def parse_invoke(data: bytes) -> InvokeBody:
         raise BadRequest('invoke body must be an object: {"payload": ..., "ttl": seconds}')
     try:
         return InvokeBody.model_validate(value)
+    except ValidationError as exc:
+        raise BadRequest(_reason(exc)) from None
+
+
+class RerunBody(BaseModel):
+    """Body of an admin re-run: an optional TTL in seconds (default: the original command's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _ttl_is_a_number(cls, value: Any) -> Any:
+        return ttl_is_a_number(value)
+
+
+def parse_rerun(data: bytes) -> RerunBody:
+    """An admin re-run body (JSON object, optional); empty: the original's TTL."""
+    if not data:
+        return RerunBody()
+    value = decode(data, Codec.JSON)
+    if not isinstance(value, dict):
+        raise BadRequest('re-run body must be an object: {"ttl": seconds}, or empty')
+    try:
+        return RerunBody.model_validate(value)
     except ValidationError as exc:
         raise BadRequest(_reason(exc)) from None
 

@@ -126,6 +126,7 @@ class CommandService:
         *,
         ephemeral: bool = False,
         idempotency_key: str | None = None,
+        rerun_of: int | None = None,
     ) -> Command:
         """Create a pending command and push it to the device.
 
@@ -147,8 +148,25 @@ class CommandService:
             request_name=target.command_type if target.command_type != real.command_type else None,
             ephemeral=ephemeral,
             idempotency_key=idempotency_key,
+            rerun_of=rerun_of,
         )
         return await self._create(new)
+
+    async def rerun(self, command_id: int, ttl_s: float | None = None, *, target: Target | None = None) -> Command:
+        """Invoke a command again: a new command with the same device, type and payload, and the
+        original's TTL unless ``ttl_s`` is given; it records ``rerun_of``, the original is left as it
+        is. The device's manifest is checked as for any invoke. ``target``: the original must be
+        this device's (and type's), else CommandNotFound, as for a cancel."""
+        original = await self.store.get(command_id)
+        if original is None or (target is not None and original.target != target):
+            raise CommandNotFound(f"no command {command_id}" + (f" for {_key(target)}" if target else ""))
+        if ttl_s is None:  # the original's, within today's max_ttl_s
+            ttl_s = min((original.expires_at - original.created_at).total_seconds(), self.limits.max_ttl_s)
+        # By the name the operator used (a manifest alias), so the re-run records it too.
+        asked = dataclasses.replace(original.target, command_type=original.request_name or original.target.command_type)
+        command = await self.invoke(asked, original.payload, ttl_s, rerun_of=original.id)
+        log.info("command_rerun", id=command.id, rerun_of=original.id)
+        return command
 
     async def _create(self, new: NewCommand) -> Command:
         """Idempotency, the outstanding limit and the insert in one transaction; then announce."""

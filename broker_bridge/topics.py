@@ -59,6 +59,7 @@ class AdminAction(StrEnum):
 
     INVOKE = "invoke"
     CANCEL = "cancel"
+    RERUN = "rerun"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,8 +156,8 @@ def _reply_for(topic: str, levels: list[str]) -> str | None:
 
 
 def _admin_reply_for(topic: str, rest: list[str]) -> str | None:
-    """In .../cancel/{type}/{id} the last number is the command ID; a request ID comes after it."""
-    if rest[2:3] == [AdminAction.CANCEL.value] and len(rest) < 6:
+    """In .../cancel/{type}/{id} (and rerun) the last number is the command ID; a request ID comes after it."""
+    if rest[2:3] in ([AdminAction.CANCEL.value], [AdminAction.RERUN.value]) and len(rest) < 6:
         return None
     return _reply_for(topic, rest)
 
@@ -241,15 +242,18 @@ class TopicScheme:
             raise TopicError(exc.reason, _admin_reply_for(topic, rest)) from None
 
     def _parse_admin_levels(self, topic: str, rest: list[str]) -> AdminRequest:
-        if len(rest) < 4 or rest[2] not in (AdminAction.INVOKE.value, AdminAction.CANCEL.value):
-            raise BadRequest("admin topics are {av}/{token}/invoke/{type}[/{rid}] or .../cancel/{type}/{id}[/{rid}]")
+        if len(rest) < 4 or rest[2] not in {a.value for a in AdminAction}:
+            raise BadRequest(
+                "admin topics are {av}/{token}/invoke/{type}[/{rid}], .../cancel/{type}/{id}[/{rid}] "
+                "or .../rerun/{type}/{id}[/{rid}]"
+            )
         av, token, action_name, command_type, *tail = rest
         target = make_target(av, token, command_type)
         action = AdminAction(action_name)
         command_id = None
-        if action is AdminAction.CANCEL:
+        if action is not AdminAction.INVOKE:
             if not tail or (command_id := parse_positive_int(tail[0])) is None:
-                raise BadRequest("cancel needs a positive integer command id: .../cancel/{type}/{id}")
+                raise BadRequest(f"{action} needs a positive integer command id: .../{action}/{{type}}/{{id}}")
             tail = tail[1:]
         tail, request_id = _split_request_id(tail)
         if tail:

@@ -36,7 +36,7 @@ TTL = timedelta(seconds=60)
 REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
 RECORD_KEYS = {
     "id", "appVersion", "endpointToken", "commandType", "payload", "state", "statusCode", "reasonPhrase",
-    "resultPayload", "createdAt", "updatedAt", "expiresAt", "log",
+    "resultPayload", "createdAt", "updatedAt", "expiresAt", "rerunOf", "log",
 }  # fmt: skip
 
 

@@ -68,6 +68,15 @@ async def test_create_round_trips_every_field(store: CommandStore) -> None:
     assert fetched.expires_at == T0 + timedelta(seconds=60)
 
 
+async def test_rerun_of_round_trips(store: CommandStore) -> None:
+    """A re-run records the command it repeats; a plain invoke records none."""
+    first = await store.create(new())
+    again = await store.create(dataclasses.replace(new(), rerun_of=first.id))
+    assert (await store.get(first.id)).rerun_of is None  # type: ignore[union-attr]
+    assert (await store.get(again.id)).rerun_of == first.id  # type: ignore[union-attr]
+    assert (await store.delivery(REBOOT, T0)).commands[1].rerun_of == first.id
+
+
 async def test_get_unknown_returns_none(store: CommandStore) -> None:
     """Unknown ids are None, not an error."""
     assert await store.get(999) is None

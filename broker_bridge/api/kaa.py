@@ -154,6 +154,32 @@ async def get_command(
     return views.kaa_command(command, endpoint_id)
 
 
+@router.post(
+    "/{endpointId}/commands/{commandType}/{commandId}/rerun",
+    summary="Re-run a command: 200 with the result if it comes within awaitTimeout, else 202",
+    responses={202: {"description": "Accepted; the device has not answered yet (see Location)"}},
+)
+async def rerun_command(
+    request: Request,
+    endpoint_id: EndpointId,
+    command_type: CommandType,
+    command_id: Annotated[str, Path(alias="commandId", max_length=32)],
+    await_timeout: Annotated[str | None, Query(alias="awaitTimeout", max_length=20, description="0-60 s")] = None,
+    ttl_ms: Annotated[int | None, Query(alias="commandTtl", ge=0, le=10**12)] = None,
+) -> JSONResponse:
+    await_s = _await_seconds(await_timeout)
+    service = _service(request)
+    original = await _command(service, endpoint_id, command_type, command_id)
+    ttl_s = None if ttl_ms is None else (ttl_ms / 1000 or PUSH_ONCE_TTL_S)
+    command = await service.rerun(original.id, ttl_s, target=original.target)
+    if await_s > 0:
+        command = await service.wait_final(command.id, await_s)
+    body = views.kaa_command(command, endpoint_id)
+    if command.is_open:
+        return JSONResponse(body, status_code=202, headers={"Location": _location(endpoint_id, command)})
+    return JSONResponse(body)
+
+
 @router.delete(
     "/{endpointId}/commands/{commandType}/{commandId}",
     status_code=204,

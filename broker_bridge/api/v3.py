@@ -144,6 +144,37 @@ async def create_execution(
     return {"execution_id": str(command.id)}
 
 
+class RerunRequest(BaseModel):
+    """How to re-run: the TTL, if not the original's."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl: float | None = Field(default=None, gt=0, description="Seconds the re-run stays deliverable")
+
+
+@router.post(
+    "/{device_id}/command_executions/{execution_id}/rerun",
+    summary="Re-run a command execution: a new one with the same command and arguments",
+)
+async def rerun_execution(
+    request: Request,
+    device_id: DeviceId,
+    execution_id: Annotated[str, Path(max_length=32)],
+    body: RerunRequest | None = None,
+    expand: Expand = None,
+    wait_s: Annotated[
+        float, Query(alias="wait", ge=0, le=MAX_WAIT_S, description="Seconds to wait for the re-run's result")
+    ] = 0.0,
+) -> dict[str, Any]:
+    with_log = _with_log(expand)
+    service = _service(request)
+    original = await service.device_command(await service.registry.get(device_id), execution_id)
+    command = await service.rerun(original.id, body.ttl if body else None, target=original.target)
+    if wait_s <= 0:
+        return {"execution_id": str(command.id)}
+    command = await service.wait_final(command.id, wait_s)
+    return {"execution_id": str(command.id), "execution": views.execution(command, with_log=with_log)}
+
+
 @router.get("/{device_id}/command_executions/{execution_id}", summary="Get a command execution")
 async def get_execution(
     request: Request,

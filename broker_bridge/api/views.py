@@ -58,6 +58,8 @@ def execution(command: Command, *, with_log: bool = False) -> dict[str, Any]:
         },
         "ephemeral": command.ephemeral,
     }
+    if command.rerun_of is not None:
+        body["rerun_of"] = str(command.rerun_of)
     if command.log:
         body["response"] = response(command.log[-1])
     if with_log:
@@ -93,6 +95,7 @@ def kaa_command(command: Command, endpoint_id: str) -> dict[str, Any]:
         "createdAt": rfc3339(command.created_at),
         "updatedAt": rfc3339(command.updated_at),
         "expiresAt": rfc3339(command.expires_at),
+        "rerunOf": command.rerun_of,
     }
 
 

@@ -38,7 +38,8 @@ MIGRATIONS: list[str] = [
         ephemeral INTEGER NOT NULL DEFAULT 0,
         idempotency_key TEXT,
         announced INTEGER NOT NULL DEFAULT 1,  -- 0: the latest change has no acknowledged event yet
-        announcer TEXT                         -- the instance that publishes that event
+        announcer TEXT,                        -- the instance that publishes that event
+        rerun_of BIGINT                        -- a re-run: the command whose device, type and payload it repeats
     );
     CREATE INDEX commands_open ON commands (app_version, endpoint_token, command_type, id)
         WHERE state IN ('pending', 'in_progress');

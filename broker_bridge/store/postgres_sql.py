@@ -25,16 +25,16 @@ def numbered(sql: str) -> str:
 COLUMNS = rows.COLUMNS
 INSERT = numbered(
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced, announcer) "
-    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced, announcer) "
+    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
-# An invoke's insert, unless the endpoint already has $13 open commands: one round trip instead of a
+# An invoke's insert, unless the endpoint already has $14 open commands: one round trip instead of a
 # count and an insert. No row back: the limit, or the idempotency key taken (the caller tells which).
 SUBMIT = (
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced, announcer) "
-    "SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10, 0, $11 WHERE (SELECT count(*) FROM commands "
-    f"WHERE app_version = $1 AND endpoint_token = $2 AND state IN {OPEN}) < $12 "
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced, announcer) "
+    "SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10, $11, 0, $12 WHERE (SELECT count(*) "
+    f"FROM commands WHERE app_version = $1 AND endpoint_token = $2 AND state IN {OPEN}) < $13 "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 FIND_IDEMPOTENT = numbered(rows.FIND_IDEMPOTENT)

@@ -13,12 +13,12 @@ from broker_bridge.topics import Format, Target
 
 COLUMNS = (
     "id, app_version, endpoint_token, command_type, payload, state, status_code, reason_phrase, "
-    "result_payload, created_at, updated_at, expires_at, log, request_name, ephemeral, idempotency_key"
+    "result_payload, created_at, updated_at, expires_at, log, request_name, ephemeral, idempotency_key, rerun_of"
 )
 INSERT = (
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, announced) "
-    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, 0)"
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced) "
+    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 0)"
 )
 FIND_IDEMPOTENT = (
     f"SELECT {COLUMNS} FROM commands WHERE app_version = ? AND endpoint_token = ? AND idempotency_key = ?"
@@ -112,6 +112,7 @@ def insert_params(new: NewCommand) -> tuple[Any, ...]:
         new.request_name,
         int(new.ephemeral),
         new.idempotency_key,
+        new.rerun_of,
     )
 
 
@@ -164,6 +165,7 @@ def to_command(row: Any) -> Command:
         request_name=row[13],
         ephemeral=bool(row[14]),
         idempotency_key=row[15],
+        rerun_of=row[16],
     )
 
 

@@ -74,6 +74,10 @@ MIGRATIONS: list[str] = [
     -- NULL: the observer's own format (marks made before this column).
     ALTER TABLE observers ADD COLUMN retained_format TEXT;
     """,
+    """
+    -- A re-run: the id of the command whose device, type and payload this one repeats.
+    ALTER TABLE commands ADD COLUMN rerun_of INTEGER;
+    """,
 ]
 
 
