@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_bridge import __version__
-from broker_bridge.api import errors, kaa, kp1, ops, v3
+from broker_bridge.api import docs, errors, kaa, kp1, ops, v3
 from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
 from broker_bridge.api.errors import error_response
 from broker_bridge.errors import BridgeError, PayloadTooLarge
@@ -84,7 +84,9 @@ def create_app(
     metrics: Metrics,
     broker_connected: Callable[[], bool],
 ) -> FastAPI:
-    app = FastAPI(title="broker-bridge", version=__version__, description=DESCRIPTION)
+    app = FastAPI(
+        title="broker-bridge", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None
+    )
     app.state.service = service
     app.state.api_keys = tuple(api_keys)
     app.state.scheme = scheme
@@ -95,4 +97,5 @@ def create_app(
     app.add_middleware(Gate, api_keys=tuple(api_keys), max_payload_bytes=max_payload_bytes)
     for router in (kp1.router, v3.router, kaa.router, ops.router):
         app.include_router(router)
+    docs.install(app)
     return app
