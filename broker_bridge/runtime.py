@@ -23,6 +23,7 @@ from broker_bridge.api import create_app
 from broker_bridge.bridge import Bridge
 from broker_bridge.broker import EmbeddedBroker, InProcessLink
 from broker_bridge.config import Settings, parse_listen
+from broker_bridge.console.live import LiveEvents
 from broker_bridge.errors import StartupError, StoreUnavailable
 from broker_bridge.metrics import Metrics
 from broker_bridge.outbox import Outbox
@@ -55,6 +56,7 @@ class Parts:
     metrics: Metrics
     postgres: PostgresStore | None
     lease: InstanceLease | None
+    live: LiveEvents  # what the console's live views hear
 
 
 @contextlib.asynccontextmanager
@@ -91,10 +93,11 @@ async def build_service(settings: Settings, *, serving: bool = False) -> AsyncIt
             store, limits=settings.limits(), registry_mode=settings.registry_mode, retained_pushes=settings.retain
         )
         outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain, locks=locks)
-        service.announcer = Announcers(outbox, metrics)
+        live = LiveEvents()
+        service.announcer = Announcers(outbox, metrics, live)
         if postgres is not None:
             postgres.on_finished = service.finished_elsewhere
-        yield Parts(settings, store, service, outbox, metrics, postgres, lease)
+        yield Parts(settings, store, service, outbox, metrics, postgres, lease, live)
 
 
 @contextlib.contextmanager
@@ -182,6 +185,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             max_payload_bytes=settings.max_payload_bytes,
             metrics=metrics,
             broker_connected=bridge.connected.is_set,
+            live=parts.live,
         )
         async with asyncio.TaskGroup() as tasks:
             _spawn(tasks, bridge.run(), "mqtt-bridge")

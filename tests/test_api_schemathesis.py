@@ -140,11 +140,13 @@ def aim_at_real_data(case: Case, live: Live, n: int) -> None:
             path[name] = known[name]
         if case.query is not None and "endpointId" in case.query:
             case.query["endpointId"] = [DEVICE]
-    if case.path.endswith("/execute_command") or "awaitTimeout" in (case.query or {}):
-        name = "timeout" if case.path.endswith("/execute_command") else "awaitTimeout"
-        query = case.query if case.query is not None else {}
-        query[name] = _bounded_wait(query.get(name, MAX_WAIT_S))
-        case.query = query
+    query = case.query if case.query is not None else {}
+    if case.path.endswith("/execute_command"):  # waits 10 s by default
+        query["timeout"] = _bounded_wait(query.get("timeout", MAX_WAIT_S))
+    for name in ("awaitTimeout", "wait"):  # these wait only when asked to
+        if name in query:
+            query[name] = _bounded_wait(query[name])
+    case.query = query
 
 
 def _bounded_wait(value: Any) -> Any:
@@ -221,6 +223,7 @@ def test_live_document_is_the_one_fuzzed(live: Live) -> None:
         "PATCH /v3/devices/{device_id}",
         "POST /v3/devices/{device_id}/command_executions",
         "POST /v3/devices/{device_id}/execute_command",
+        "POST /v3/devices/{device_id}/command_executions/{execution_id}/rerun",
     } == PARSED_BODY
     assert len(OPERATIONS) == sum(len(item) for item in DOCUMENT["paths"].values())
 

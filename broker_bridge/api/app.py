@@ -11,6 +11,8 @@ from broker_bridge import __version__
 from broker_bridge.api import docs, errors, kaa, kp1, ops, v3
 from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
 from broker_bridge.api.errors import error_response
+from broker_bridge.console import routes as console_routes
+from broker_bridge.console.live import LiveEvents
 from broker_bridge.errors import BridgeError, PayloadTooLarge
 from broker_bridge.metrics import Metrics
 from broker_bridge.service import CommandService
@@ -45,6 +47,9 @@ class Gate:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
             await error_response(exc.status_code, exc.reason, extra)(scope, receive, send)
             return
+        if scope["path"].startswith(CONSOLE):  # the console's forms are forms
+            await self.app(scope, self._limited(receive), send)
+            return
         relabelled = [
             (n, b"application/json" if n == b"content-type" and v.startswith(FORM) else v) for n, v in scope["headers"]
         ]
@@ -73,6 +78,7 @@ class Gate:
 
 
 FORM = b"application/x-www-form-urlencoded"
+CONSOLE = "/console/"
 
 
 def create_app(
@@ -83,7 +89,9 @@ def create_app(
     max_payload_bytes: int,
     metrics: Metrics,
     broker_connected: Callable[[], bool],
+    live: LiveEvents | None = None,
 ) -> FastAPI:
+    """``live``: the announcer the console's live views listen to (one that hears nothing if None)."""
     app = FastAPI(
         title="broker-bridge", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None
     )
@@ -93,9 +101,11 @@ def create_app(
     app.state.max_payload_bytes = max_payload_bytes
     app.state.metrics = metrics
     app.state.broker_connected = broker_connected
+    app.state.live = live if live is not None else LiveEvents()
     errors.install(app)
     app.add_middleware(Gate, api_keys=tuple(api_keys), max_payload_bytes=max_payload_bytes)
     for router in (kp1.router, v3.router, kaa.router, ops.router):
         app.include_router(router)
     docs.install(app)
+    console_routes.install(app)
     return app

@@ -14,8 +14,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from the service'
 _enapter = APIKeyHeader(name="X-Enapter-Auth-Token", auto_error=False, description="The same key, Enapter style")
 
 
-def _valid(candidate: str, keys: tuple[str, ...]) -> bool:
-    # Compare with every key in constant time, so timing tells nothing about near misses.
+def valid_key(candidate: str, keys: tuple[str, ...]) -> bool:
+    """Whether ``candidate`` is one of the keys: compared with every key in constant time, so timing
+    tells nothing about near misses."""
     return any([hmac.compare_digest(candidate.encode(), key.encode()) for key in keys])
 
 
@@ -31,7 +32,7 @@ def check_key(keys: tuple[str, ...], authorization: str | None, enapter: str | N
     offered = [k for k in (bearer, enapter) if k]
     if not offered:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-Enapter-Auth-Token: <key>'")
-    if not any(_valid(k, keys) for k in offered):
+    if not any(valid_key(k, keys) for k in offered):
         raise Unauthorized("invalid API key")
 
 

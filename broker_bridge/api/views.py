@@ -76,6 +76,11 @@ _KAA_STATES = {
 }
 
 
+def kaa_state(command: Command) -> str:
+    """Kaa's name of a command's state (the console shows Kaa's names)."""
+    return _KAA_STATES[command.state]
+
+
 def kaa_command(command: Command, endpoint_id: str) -> dict[str, Any]:
     """A command as Kaa's REST API shows it."""
     result = None
