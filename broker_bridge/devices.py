@@ -39,6 +39,7 @@ class CommandSpec(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     arguments: dict[str, ArgumentSpec] = Field(default_factory=dict)
     description: str | None = None
+    dangerous: bool = False  # the console asks for a confirmation before running it
 
 
 class Manifest(BaseModel):

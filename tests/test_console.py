@@ -204,3 +204,33 @@ def _all() -> object:
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def test_generated_arguments_are_typed_and_dangerous_commands_need_the_confirmation(tmp_path: Path) -> None:
+    async with site(tmp_path) as (client, service):
+        csrf = await sign_in(client)
+        manifest = {
+            "commands": {
+                "reboot": {"arguments": {"delay": {"type": "integer", "max": 60}, "fast": {"type": "boolean"},
+                                         "level": {"type": "integer", "enum": [1, 2]}}},
+                "wipe": {"dangerous": True},
+            }
+        }  # fmt: skip
+        await service.registry.add(app_version="c-v1", endpoint_token="t1", device_id="lamp", manifest=manifest)
+        form = await client.get("/console/devices/lamp/arguments", params={"command_type": "reboot"})
+        assert 'name="arg:delay"' in form.text
+        assert 'max="60"' in form.text
+        run = "/console/devices/lamp/run"
+        typed = {"csrf": csrf, "command_type": "reboot", "arg:delay": "7", "arg:fast": "true", "arg:level": "2"}
+        assert (await client.post(run, data=typed)).status_code == 201
+        (command,) = await service.history(_all())
+        assert command.payload == {"delay": 7, "fast": True, "level": 2}
+        bad = await client.post(run, data={**typed, "arg:delay": "seven"})
+        assert (bad.status_code, "delay: expected integer" in bad.text) == (400, True)
+        over = await client.post(run, data={**typed, "arg:delay": "99"})
+        assert over.status_code == 422  # the manifest's own bound, as on every path
+        unconfirmed = await client.post(run, data={"csrf": csrf, "command_type": "wipe"})
+        assert (unconfirmed.status_code, "confirm" in unconfirmed.text) == (409, True)
+        confirmed = await client.post(run, data={"csrf": csrf, "command_type": "wipe", "confirmed": "yes"})
+        assert confirmed.status_code == 201
+        assert len(await service.history(_all())) == 2

@@ -193,3 +193,50 @@ def _all() -> Any:
     from broker_bridge.store import CommandQuery
 
     return CommandQuery(limit=100)
+
+
+async def test_manifest_commands_get_a_generated_form_and_dangerous_ones_a_confirmation(
+    browser: Any, tmp_path: Path, app_version: str
+) -> None:
+    """With a manifest, Command type is a choice, the arguments are typed fields (the payload is
+    built from them), and a command marked dangerous runs only after the operator confirms."""
+    async with console_site(tmp_path, app_version) as (base, service, device_id):
+        manifest = {
+            "commands": {
+                "reboot": {"arguments": {"delay": {"type": "integer", "max": 60, "required": True},
+                                         "mode": {"type": "string", "enum": ["soft", "hard"]}}},
+                "wipe": {"dangerous": True, "description": "Factory reset"},
+            }
+        }  # fmt: skip
+        await service.registry.update(device_id, manifest=manifest)
+        page = await browser.new_page()
+        answers: list[bool] = [False, True]  # dismiss the first confirmation, accept the second
+        asked: list[str] = []
+
+        async def answer(dialog: Any) -> None:
+            asked.append(dialog.message)
+            await (dialog.accept() if answers.pop(0) else dialog.dismiss())
+
+        page.on("dialog", lambda dialog: asyncio.ensure_future(answer(dialog)))
+        await page.goto(f"{base}/console/login")
+        await page.get_by_label("API key").fill(KEY)
+        await page.get_by_role("button", name="Sign in").click()
+        await page.goto(f"{base}/console/devices/{device_id}")
+        await page.get_by_label("Command type").select_option("reboot")
+        await page.get_by_label("delay (required)").fill("5")
+        await page.get_by_label("mode").select_option("hard")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await page.get_by_role("status").filter(has_text="reboot").wait_for(timeout=WAIT_MS)
+        (first,) = await service.history(_all())
+        assert first.payload == {"delay": 5, "mode": "hard"}
+
+        await page.get_by_label("Command type").select_option("wipe")
+        await page.get_by_text("Marked dangerous").wait_for(timeout=WAIT_MS)
+        await page.get_by_role("button", name="Run", exact=True).click()  # dismissed: nothing is sent
+        await asyncio.sleep(0.5)
+        assert len(await service.history(_all())) == 1
+        await page.get_by_role("button", name="Run", exact=True).click()  # confirmed
+        await page.get_by_role("status").filter(has_text="wipe").wait_for(timeout=WAIT_MS)
+        assert [c.target.command_type for c in await service.history(_all())] == ["wipe", "reboot"]
+        assert asked == ["wipe is marked dangerous in the manifest. Run it?"] * 2
+        await page.close()

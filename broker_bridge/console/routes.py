@@ -23,8 +23,8 @@ from broker_bridge.api.auth import valid_key
 from broker_bridge.commands import Command, CommandState, rfc3339
 from broker_bridge.console import session as sessions
 from broker_bridge.console.live import LiveEvents
-from broker_bridge.devices import Device
-from broker_bridge.errors import BadRequest, BridgeError
+from broker_bridge.devices import CommandSpec, Device
+from broker_bridge.errors import BadRequest, BridgeError, Conflict
 from broker_bridge.service import CommandService
 from broker_bridge.store import CommandQuery
 from broker_bridge.topics import Codec, Target
@@ -211,7 +211,36 @@ async def device_page(request: Request, device_id: str) -> HTMLResponse:
     except BridgeError as exc:
         return _page(request, "_problem.html", exc.status_code, error=exc, standalone=True)
     commands = sorted(device.manifest.commands) if device.manifest else []
-    return _page(request, "device.html", device=device, commands=commands, manifest=_manifest_text(device))
+    first = commands[0] if commands else ""
+    return _page(
+        request,
+        "device.html",
+        device=device,
+        commands=commands,
+        manifest=_manifest_text(device),
+        command_type=first,
+        spec=_spec(device, first),
+    )
+
+
+def _spec(device: Device, command_type: str) -> CommandSpec | None:
+    if device.manifest is None:
+        return None
+    name = device.manifest.command_for(command_type)
+    return device.manifest.commands.get(name) if name else None
+
+
+@router.get("/console/devices/{device_id}/arguments")
+async def arguments(
+    request: Request, device_id: str, command_type: Annotated[str, Query(max_length=128)] = ""
+) -> HTMLResponse:
+    """The argument fields of one manifest command (the form follows the chosen command type)."""
+    _session(request)
+    try:
+        device = await _service(request).registry.get(device_id)
+    except BridgeError as exc:
+        return _problem(request, exc)
+    return _page(request, "_arguments.html", spec=_spec(device, command_type), command_type=command_type)
 
 
 def _manifest_text(device: Device) -> str:
@@ -234,13 +263,44 @@ async def run(
     service = _service(request)
     try:
         device = await service.registry.get(device_id)
-        payload = _json_field(body, "Command body") if body.strip() else None
+        spec = _spec(device, command_type)
+        form = await request.form()
+        if body.strip():
+            payload = _json_field(body, "Command body")
+        elif spec is not None:
+            payload = _arguments(spec, {k[4:]: str(v) for k, v in form.multi_items() if k.startswith("arg:")})
+        else:
+            payload = None
+        if spec is not None and spec.dangerous and form.get("confirmed") != "yes":
+            raise Conflict(f"{command_type} is marked dangerous in the manifest: confirm to run it")
         ttl_s = _seconds(ttl)
         target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=command_type)
         command = await service.invoke(target, payload, ttl_s)
     except BridgeError as exc:
         return _problem(request, exc)
     return _page(request, "_created.html", 201, command=command)
+
+
+def _arguments(spec: CommandSpec, fields: dict[str, str]) -> dict[str, Any]:
+    """The payload from the generated fields: each converted to its manifest type (the manifest
+    check in ``invoke`` then applies its bounds and enums, with its own errors); empty ones left out."""
+    payload: dict[str, Any] = {}
+    for name, text in fields.items():
+        arg = spec.arguments.get(name)
+        if arg is None or text == "":
+            continue
+        try:
+            if arg.enum or arg.type in ("object", "array", "boolean"):
+                payload[name] = protocol.decode(text.encode(), Codec.JSON)
+            elif arg.type == "integer":
+                payload[name] = int(text)
+            elif arg.type == "float":
+                payload[name] = float(text)
+            else:
+                payload[name] = text
+        except (ValueError, BridgeError):
+            raise BadRequest(f"{name}: expected {arg.type}, got {text!r}") from None
+    return payload
 
 
 def _seconds(text: str) -> float | None:

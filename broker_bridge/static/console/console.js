@@ -39,8 +39,17 @@ document.addEventListener("htmx:confirm", (event) => {
   if (problem) {
     event.preventDefault();
     showProblem(form, problem);
-  } else {
-    clearProblem(form);
+    return;
+  }
+  clearProblem(form);
+  const dangerous = form.querySelector("[data-dangerous]");
+  if (dangerous) {
+    event.preventDefault();
+    if (window.confirm(dangerous.getAttribute("data-dangerous"))) {
+      dangerous.value = "yes";
+      event.detail.issueRequest(true);
+      dangerous.value = "";
+    }
   }
 });
 
