@@ -157,6 +157,15 @@ async def test_operator_runs_watches_reruns_and_cancels_in_the_console(
         assert (await service.get(first.id + 2)).state.value == "cancelled"
         await _shot(page, tmp_path, "console-history.png")
 
+        # At a phone's width the page still fits and the widgets stay usable.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.get_by_role("button", name="Run", exact=True).scroll_into_view_if_needed()
+        assert await page.get_by_role("button", name="Run", exact=True).is_visible()
+        overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
+        await _shot(page, tmp_path, "console-phone.png")
+        await page.set_viewport_size({"width": 1280, "height": 900})
+
         # The fleet view, and the API docs offline.
         await page.get_by_role("link", name="Executions").click()
         await page.get_by_role("table", name="Commands history").get_by_text("paint").wait_for(timeout=WAIT_MS)
