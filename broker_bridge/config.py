@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     mqtt_password_file: Path | None = None
     mqtt_acl_file: Path | None = None
+    allow_anonymous: bool = False  # embedded broker: listen beyond loopback without a password file
     registry_mode: RegistryMode = RegistryMode.OPEN
     instance: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     client_id: str | None = None  # None: broker-bridge-<instance>

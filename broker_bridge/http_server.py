@@ -61,7 +61,12 @@ def api_keys(configured: list[str], key_file: Path) -> list[str]:
     if configured:
         return configured
     if key_file.exists():
-        return [key_file.read_text().strip()]
+        key = key_file.read_text().strip()
+        if not key:  # every admin request would be refused (401), with nothing said
+            raise StartupError(
+                f"API key file {key_file} is empty; delete it to have a new key generated, or set api_keys"
+            )
+        return [key]
     key = secrets.token_urlsafe(32)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:

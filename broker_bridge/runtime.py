@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import os
 import secrets
 import signal
@@ -126,7 +127,20 @@ def claim_sqlite(path: Path) -> Iterator[None]:
 
 
 def check_topology(settings: Settings) -> None:
-    """Refuse combinations that cannot work, naming the fix."""
+    """Refuse combinations that cannot work or would be open to anyone, naming the fix."""
+    if settings.embedded and settings.mqtt_password_file is None:
+        host = settings.broker_address().host
+        if not _loopback(host) and not settings.allow_anonymous:
+            raise StartupError(
+                f"the embedded broker would listen on {host} without logins: anyone who reaches it can "
+                "read every device's commands and forge results. Set mqtt_password_file (and "
+                "mqtt_acl_file), or allow_anonymous = true if this network is yours alone"
+            )
+        log.warning(
+            "mqtt_without_logins",
+            listen=settings.mqtt_listen,
+            hint="development only: any client can read and forge; set mqtt_password_file",
+        )
     if settings.shared and settings.embedded:
         raise StartupError(
             "shared_subscriptions needs an external MQTT 5 broker (--broker-url); the embedded broker "
@@ -134,6 +148,13 @@ def check_topology(settings: Settings) -> None:
         )
     if settings.shared and not settings.use_mqtt5:
         raise StartupError("shared_subscriptions needs MQTT 5 (mqtt5 = true)")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve(settings: Settings, on_ready: Callable[[CommandService], None] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_bridge import __version__
@@ -71,7 +72,9 @@ class Gate:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_payload_bytes:
-                raise PayloadTooLarge(f"body exceeds the limit of {self.max_payload_bytes} bytes")
+                # An HTTPException: FastAPI re-raises it from body parsing (413), where any other
+                # error became 400 "There was an error parsing the body" on the /v3 routes.
+                raise HTTPException(413, f"body exceeds the limit of {self.max_payload_bytes} bytes")
             return message
 
         return limited

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import queue
 import sqlite3
 import threading
@@ -32,7 +33,7 @@ import structlog
 
 from broker_bridge import commands
 from broker_bridge.commands import Command, NewCommand, Report
-from broker_bridge.errors import BridgeError, Conflict, StoreUnavailable
+from broker_bridge.errors import BridgeError, Conflict, StartupError, StoreUnavailable
 from broker_bridge.store import sqlite_rows as rows
 from broker_bridge.store.base import (
     EXPIRE_WINDOW,
@@ -350,7 +351,22 @@ class SqliteStore(SqliteDevices):
 
 
 # -- run on the store's thread ------------------------------------------------------------------
+def check_files(path: Path) -> None:
+    """Refuse files SQLite would take silently and lose with: an empty database file (it would start
+    an empty database in its place; measured: no warning), and a shared-memory file we cannot write
+    (SQLite maps it: the process died of SIGBUS with no log line)."""
+    if path.exists() and path.is_file() and path.stat().st_size == 0:
+        raise StartupError(
+            f"database file {path} is empty (0 bytes), not a database; if that is meant, delete it and "
+            "a new database is created, else restore it from a backup"
+        )
+    shm = path.with_name(path.name + "-shm")
+    if shm.exists() and not os.access(shm, os.R_OK | os.W_OK):
+        raise StartupError(f"cannot write {shm} (SQLite's shared memory for {path}): fix its owner or mode")
+
+
 def _open(path: Path, busy_timeout_ms: int, synchronous: str) -> Conn:
+    check_files(path)
     conn = sqlite3.connect(path, isolation_level=None)  # autocommit: we issue BEGIN/COMMIT ourselves
     try:
         conn.execute("PRAGMA journal_mode = WAL")
