@@ -13,7 +13,14 @@ import pytest
 
 from broker_bridge.commands import CommandState, NewCommand, Report
 from broker_bridge.devices import Device, parse_manifest
-from broker_bridge.errors import CommandFinished, CommandNotFound, Conflict, DeviceNotFound, LimitExceeded
+from broker_bridge.errors import (
+    CommandFinished,
+    CommandNotFound,
+    Conflict,
+    DeviceNotFound,
+    LimitExceeded,
+    StoreUnavailable,
+)
 from broker_bridge.store import CommandQuery, CommandStore
 from broker_bridge.store.base import EXPIRE_WINDOW
 from broker_bridge.store.memory import MemoryStore
@@ -530,3 +537,27 @@ async def test_unannounced_changes_until_marked(store: CommandStore) -> None:
     await store.cancel(b.id, T0 + timedelta(seconds=5))
     assert [c.id for c in await store.unannounced(0, 10)] == [b.id]
     assert await store.unannounced(b.id, 10) == []
+
+
+async def test_check_writable_passes_on_a_healthy_store(store: CommandStore) -> None:
+    """Readiness's write probe commits on every store, repeatedly."""
+    await store.check_writable(T0)
+    await store.check_writable(T0 + timedelta(seconds=1))
+
+
+async def test_sqlite_check_writable_notices_the_file_gone_or_replaced(tmp_path: Path) -> None:
+    """The WAL/database unlinked while running lost acknowledged commands after kill -9: readiness
+    says so (the files open are no longer the ones on disk)."""
+    db = tmp_path / "bridge.db"
+    async with SqliteStore(db) as store:
+        await store.check_writable(T0)
+        db.rename(tmp_path / "moved.db")
+        with pytest.raises(StoreUnavailable, match="gone while open"):
+            await store.check_writable(T0)
+        (tmp_path / "moved.db").rename(db)
+        await store.check_writable(T0)
+        db.rename(tmp_path / "moved.db")
+        async with SqliteStore(db):  # a new file in its place
+            pass
+        with pytest.raises(StoreUnavailable, match="replaced while open"):
+            await store.check_writable(T0)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from broker_bridge import runtime
+from broker_bridge.api import ops
 from broker_bridge.commands import NewCommand
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.store import CommandQuery
@@ -132,10 +133,19 @@ async def test_service_answers_503_over_mqtt_and_http_while_the_disk_is_full(tmp
             response = await http.post(f"/kp1/{app_version}/cex/dev/command/reboot", json={})
             assert response.status_code in (200, 503)  # a poll may not need to write
             ready = await http.get("/readyz")
-            assert ready.status_code == 200  # reads still work: the store answers
+            assert ready.status_code == 200  # a small write still fits: the probe's commit goes through
             await pragma(store, "PRAGMA max_page_count = 1073741823")
             healed = await admin.request(f"cex/admin/{app_version}/dev/invoke/reboot/3", big)
             assert healed.topic.endswith("/status")
+            # Every write failing while reads work (it answered 200 before the write probe).
+            await asyncio.sleep(ops.PROBE_S)
+            await pragma(store, "PRAGMA query_only = 1")
+            refused = await http.get("/readyz")
+            assert refused.status_code == 503
+            assert "readonly" in refused.json()["store"] or "read-only" in refused.json()["store"]
+            await pragma(store, "PRAGMA query_only = 0")
+            await asyncio.sleep(ops.PROBE_S)
+            assert (await http.get("/readyz")).status_code == 200
 
 
 async def test_database_from_a_newer_version_stops_start_up(tmp_path: Path) -> None:

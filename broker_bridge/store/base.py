@@ -190,6 +190,11 @@ class CommandStore(Protocol):
         """Delete up to ``limit`` ephemeral commands created before ``before``, whatever their state."""
         ...
 
+    async def check_writable(self, now: datetime) -> None:
+        """Prove the store can commit a write (readiness): StoreUnavailable with the reason if not,
+        also when its files are no longer the ones on disk."""
+        ...
+
     # -- the device registry --------------------------------------------------------------------
     async def add_device(self, device: Device) -> Device:
         """Register a device; Conflict if its id or its (app version, token) is taken."""

@@ -171,6 +171,9 @@ class MemoryStore:
             del self._commands[command_id]
         return len(old)
 
+    async def check_writable(self, now: datetime) -> None:
+        pass  # memory always takes a write
+
     # -- the device registry --------------------------------------------------------------------
     def _check_free(self, device: Device) -> None:
         for other in self._devices.values():

@@ -458,6 +458,16 @@ class PostgresStore:
         result: list[Command] = await self._submit(op)
         return result
 
+    async def check_writable(self, now: datetime) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO health (instance, checked_at) VALUES ($1, $2) "
+                "ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at",
+                self.instance or "", rows.to_us(now),
+            )
+
+        await self._submit(op)
+
     async def shared_secret(self, name: str, make: Callable[[], str]) -> tuple[str, bool]:
         """The value every instance shares under ``name``, made now if there is none; and whether
         this call made it (the first instance to start)."""

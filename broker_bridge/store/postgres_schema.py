@@ -72,6 +72,8 @@ MIGRATIONS: list[str] = [
         updated_at BIGINT NOT NULL,
         UNIQUE (app_version, endpoint_token)
     );
+    -- /readyz writes here: proof that a commit goes through.
+    CREATE TABLE health (instance TEXT PRIMARY KEY, checked_at BIGINT NOT NULL);
     -- Values generated once and shared by every instance (the API key when none is configured).
     CREATE TABLE secrets (
         name TEXT PRIMARY KEY,

@@ -81,6 +81,7 @@ class SqliteStore(SqliteDevices):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
+        self._inode: int | None = None
         self.batch_sizes: list[int] = []  # recent commit batch sizes, for tests
         self.on_commit: Callable[[int], None] | None = None  # told each commit's batch size (metrics)
 
@@ -115,6 +116,8 @@ class SqliteStore(SqliteDevices):
             self._post(_resolve, opened, None, error)
             self._post(_resolve, self._stopped, None, None)
             return
+        with contextlib.suppress(OSError):
+            self._inode = os.stat(self.path).st_ino  # the file we opened, to notice it being replaced
         self._post(_resolve, opened, None, None)
         try:
             while (first := self._inbox.get()) is not None:
@@ -340,6 +343,23 @@ class SqliteStore(SqliteDevices):
             "AND created_at < ? ORDER BY created_at LIMIT ?)"
         )
         return await self._delete(sql, (rows.to_us(before), limit))
+
+    async def check_writable(self, now: datetime) -> None:
+        try:
+            current = os.stat(self.path).st_ino
+        except OSError as exc:
+            raise StoreUnavailable(f"database file {self.path} is gone while open: {exc.strerror}") from None
+        if self._inode is not None and current != self._inode:
+            raise StoreUnavailable(f"database file {self.path} was replaced while open")
+
+        def op(conn: Conn) -> None:
+            conn.execute(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                (rows.to_us(now),),
+            )
+
+        await self._submit(op, writes=True)
 
     async def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
         def op(conn: Conn) -> int:

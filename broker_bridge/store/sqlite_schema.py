@@ -77,6 +77,8 @@ MIGRATIONS: list[str] = [
     """
     -- A re-run: the id of the command whose device, type and payload this one repeats.
     ALTER TABLE commands ADD COLUMN rerun_of INTEGER;
+    -- /readyz writes here: proof that a commit goes through.
+    CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at INTEGER NOT NULL);
     """,
 ]
 
