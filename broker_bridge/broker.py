@@ -223,7 +223,14 @@ class _Sink(AckHolder):
         # Called in routing order, so the inbox keeps the order the broker routed messages in (per
         # publisher: the order they were sent). Replies are what the bridge itself publishes (MQTT 5
         # "no local", as on external brokers); they are not the bridge's to hold.
-        if self.closed or topic.rsplit("/", 1)[-1] in _REPLY_LEVELS:
+        if topic.rsplit("/", 1)[-1] in _REPLY_LEVELS:
+            return
+        if self.closed:
+            # The bridge's session is gone (a stop): no PUBACK, so the device sends it again. Letting
+            # the routing's release send one PUBACKed what the broker read after the stop and
+            # dropped: seen under load, 2,636 of 2,638 acknowledged results lost on SIGTERM.
+            if ack is not None:
+                ack.hold()
             return
         if ack is None:
             self.inbox.put_nowait(Delivered(topic, data, qos))
@@ -338,7 +345,11 @@ class InProcessLink:
                     future.set_exception(aiomqtt.MqttError(refused))
 
     async def close(self) -> None:
-        """Detach from the broker; publishes not yet routed fail with LinkClosed."""
+        """Detach from the broker; publishes not yet routed fail with LinkClosed. From now on the
+        broker acknowledges no client's QoS 1 publish: the broker may still read a device's backlog
+        until its connections close, and a PUBACK for what nobody stores loses it (measured under
+        load: 2,636 of 2,638 PUBACKed results lost on SIGTERM)."""
+        self._broker.acks_held = True
         self._sink.close()
         if self._worker is not None:
             self._worker.cancel()

@@ -78,12 +78,16 @@ class AckWhenHandled(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
     ``GuardedBroker`` (``adopt``); amqtt builds its handlers itself, so the class is swapped."""
 
     _puback_tasks: set[asyncio.Task[None]]
+    _acks_held: Callable[[], bool]
 
     @classmethod
-    def adopt(cls, handler: Any) -> None:
+    def adopt(cls, handler: Any, acks_held: Callable[[], bool] = lambda: False) -> None:
+        """``acks_held``: while true, no PUBACK is sent at all (the broker is stopping: what it still
+        reads would be acknowledged and then dropped)."""
         if type(handler) is BrokerProtocolHandler:
             handler.__class__ = cls
             handler._puback_tasks = set()
+            handler._acks_held = acks_held
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction != INCOMING or app_message.puback_packet or self.session is None:
@@ -96,6 +100,8 @@ class AckWhenHandled(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
         await self.session.delivered_message_queue.put(acked)
 
     def _puback_soon(self, packet_id: int) -> None:
+        if self._acks_held():  # stopping: the client sends the message again to the next run
+            return
         # Released from synchronous code (the bridge's ack); the write itself is async.
         task = asyncio.get_running_loop().create_task(self._puback(packet_id), name=f"puback-{packet_id}")
         self._puback_tasks.add(task)

@@ -563,6 +563,9 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = Subscriptions()  # the same table, indexed by filter (routing.py)
+        # Set when the bridge's session closes (a stop): from then on no client's QoS 1 publish is
+        # acknowledged, since nothing will store it (broker_acks.AckWhenHandled).
+        self.acks_held = False
 
     async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
         ack = deferred_ack(wait_deliver.result())
@@ -636,7 +639,7 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[Any, Any]:
         handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
-        AckWhenHandled.adopt(handler)
+        AckWhenHandled.adopt(handler, lambda: self.acks_held)
         # A resumed persistent session keeps the address of its previous connection; LoginPlugin finds the
         # screened verdict by the current one.
         session.remote_address, session.remote_port = remote_address, remote_port

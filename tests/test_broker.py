@@ -487,3 +487,22 @@ def test_fast_routing_matches_exactly_as_amqtt(topic: list[str], topic_filter: l
     broker.logger = logging.getLogger("amqtt.test")
     joined_topic, joined_filter = "/".join(topic), "/".join(topic_filter)
     assert broker._matches(joined_topic, joined_filter) == Broker._matches(broker, joined_topic, joined_filter)
+
+
+async def test_what_reaches_a_closed_bridge_session_is_not_acknowledged(
+    linked: InProcessLink, port: int, app_version: str
+) -> None:
+    """After the bridge's session closed (a stop under way), the broker may still read a device's
+    backlog: none of it may be PUBACKed, or the device forgets results nobody stored. (Before: the
+    link's subscriptions were gone, so the broker PUBACKed such results at once.)"""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="dev-late") as dev:
+        await linked.close()
+        late = asyncio.create_task(dev.publish(f"kp1/{app_version}/cex/{token()}/result/reboot", b"[]", qos=1))
+        await asyncio.sleep(QUIET)
+        assert not late.done(), "PUBACKed a result that reached a closed bridge session"
+        other = asyncio.create_task(dev.publish(f"elsewhere/{token()}", b"x", qos=1))
+        await asyncio.sleep(QUIET)
+        assert not other.done(), "the stopping broker still acknowledges publishes"
+        for task in (late, other):
+            task.cancel()
+        await asyncio.gather(late, other, return_exceptions=True)
