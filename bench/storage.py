@@ -283,7 +283,10 @@ async def serve_rss(children: Children, db: Path, settle_s: float, name: str) ->
 
 def _outbox_sql(path: Path, sql: str) -> int:
     """Run ``sql`` (a count or an update of the ``announced`` column) if this schema has the durable
-    event outbox; returns the count or the rows touched (0 without the column)."""
+    event outbox; returns the count or the rows touched (0 without the column, or without a file:
+    connecting would create an empty one, which serve refuses as a damaged database)."""
+    if not path.exists():
+        return 0
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(commands)")}
