@@ -125,6 +125,7 @@ class PostgresStore:
         self._pool: Any = None  # asyncpg.Pool
         self._listener: Conn | None = None
         self._task: asyncio.Task[None] | None = None
+        self._finished: list[int] = []  # ids the running transaction made final (its NOTIFY)
 
     # -- life cycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -252,6 +253,7 @@ class PostgresStore:
     async def _transaction(self, batch: list[_Op], patient: bool) -> Results:
         conn = await self._writer_conn()
         results: Results = []
+        self._finished = []
         async with conn.transaction():
             if patient:
                 await conn.execute(PATIENT)
@@ -260,7 +262,7 @@ class PostgresStore:
                     results.append((await op.fn(conn), None))
                 except BridgeError as exc:  # refused before writing anything
                     results.append((None, exc))
-            finished = [i for value, _ in results for i in _finished_ids(value)]
+            finished = self._finished  # what this transaction's writes made final
             for start in range(0, len(finished), 500):  # NOTIFY payloads stay under 8000 bytes
                 ids = ",".join(str(i) for i in finished[start : start + 500])
                 await conn.execute("SELECT pg_notify($1, $2)", sql.FINAL_CHANNEL, ids)
@@ -355,6 +357,8 @@ class PostgresStore:
         status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
         if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
             raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
+        if not after.is_open:
+            self._finished.append(after.id)
 
     async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
         async def op(conn: Conn) -> Command:
@@ -404,14 +408,15 @@ class PostgresStore:
         return [rows.to_target(r) for r in await self._rows(sql.OPEN_TARGETS, rows.to_us(now))]
 
     async def expire_due(self, now: datetime, limit: int) -> list[tuple[int, Target]]:
-        async def op(conn: Conn) -> _Expired:
+        async def op(conn: Conn) -> list[tuple[int, Target]]:
             if not await conn.fetchval(sql.TRY_XACT_LOCK, EXPIRY_LOCK):  # another instance is sweeping
-                return _Expired()
+                return []
             found = await conn.fetch(sql.EXPIRE_DUE, rows.to_us(now), limit * EXPIRE_WINDOW, limit, self.instance)
-            return _Expired((r[0], rows.to_target(r[1:])) for r in sorted(found))
+            self._finished.extend(r[0] for r in found)
+            return [(r[0], rows.to_target(r[1:])) for r in sorted(found)]
 
-        result: _Expired = await self._submit(op)
-        return list(result)
+        result: list[tuple[int, Target]] = await self._submit(op)
+        return result
 
     async def get_many(self, command_ids: Sequence[int]) -> list[Command]:
         ids = sorted(set(command_ids))
@@ -528,21 +533,6 @@ class PostgresStore:
 
         result: bool = await self._submit(op)
         return result
-
-
-class _Expired(list[tuple[int, Target]]):
-    """What the expiry sweep changed: these commands became final (waiters elsewhere are told)."""
-
-
-def _finished_ids(value: Any) -> list[int]:
-    """Ids of commands an operation's result made final, for the NOTIFY of the batch."""
-    if isinstance(value, _Expired):
-        return [command_id for command_id, _ in value]
-    if isinstance(value, Command):  # a cancel (creates return open commands)
-        return [] if value.is_open else [value.id]
-    if isinstance(value, list) and value and isinstance(value[0], ReportOutcome):
-        return [o.command_id for o in value if o.changed and o.command is not None and not o.command.is_open]
-    return []
 
 
 def _count(status: str) -> int:

@@ -15,7 +15,6 @@ LOCK_SPACE = 0x6262  # "bb"
 MIGRATION_LOCK = 0
 EXPIRY_LOCK = 1  # the expiry sweep: one instance at a time
 RETENTION_LOCK = 2  # the retention and ephemeral sweeps
-RECOVERY_LOCK = 3  # adopting the unannounced events of stopped instances
 
 # Each entry moves the schema from version N to N+1; never edit one that has shipped.
 MIGRATIONS: list[str] = [

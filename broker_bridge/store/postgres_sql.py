@@ -125,7 +125,6 @@ TRY_XACT_LOCK = f"SELECT pg_try_advisory_xact_lock({LOCK_SPACE}, $1)"
 # Push locks: the keys of the targets whose lock this session got (others are being pushed elsewhere).
 TRY_PUSH_LOCKS = f"SELECT k FROM unnest($1::int[]) AS k WHERE pg_try_advisory_lock({PUSH_SPACE}, k)"
 RELEASE_PUSH_LOCKS = f"SELECT count(*) FROM unnest($1::int[]) AS k WHERE pg_advisory_unlock({PUSH_SPACE}, k)"
-PUSH_KEYS = "SELECT hashtext(t) FROM unnest($1::text[]) AS t"
 
 INSERT_DEVICE = numbered(rows.INSERT_DEVICE + " ON CONFLICT DO NOTHING")
 # An update that would take another device's endpoint changes nothing (the unique index would abort
