@@ -91,7 +91,11 @@ async def build_service(settings: Settings, *, serving: bool = False) -> AsyncIt
         if postgres is not None:
             postgres.on_commit = metrics.batch_size.observe
         service = CommandService(
-            store, limits=settings.limits(), registry_mode=settings.registry_mode, retained_pushes=settings.retain
+            store,
+            limits=settings.limits(),
+            registry_mode=settings.registry_mode,
+            retained_pushes=settings.retain,
+            committed_lists=locks is None,
         )
         outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain, locks=locks)
         live = LiveEvents()

@@ -105,11 +105,17 @@ class CommandService:
         clock: Clock = utc_now,
         registry_mode: RegistryMode = RegistryMode.OPEN,
         retained_pushes: bool = False,
+        committed_lists: bool = True,
     ) -> None:
         """``retained_pushes``: the bridge retains each target's outstanding list on the broker, so
-        an invoke marks the target retained in its own transaction (before the push can happen)."""
+        an invoke marks the target retained in its own transaction (before the push can happen).
+
+        ``committed_lists``: an invoke's push may use the list as its transaction committed it. False
+        when several instances push (each list is read again under its target's lock): the invoke
+        then reads no list and marks nothing, the push does both."""
         self.store = store
         self.retained_pushes = retained_pushes
+        self.committed_lists = committed_lists
         self.announcer: Announcer = announcer or NullAnnouncer()
         self.limits = limits or Limits()
         self.clock = clock
@@ -172,7 +178,9 @@ class CommandService:
         """Idempotency, the outstanding limit and the insert in one transaction; then announce."""
         limit = self.limits.max_outstanding_per_endpoint
         try:
-            created = await self.store.submit(new, max_open=limit, mark_retained=self.retained_pushes)
+            created = await self.store.submit(
+                new, max_open=limit, mark_retained=self.retained_pushes, with_delivery=self.committed_lists
+            )
         except Conflict:  # the same idempotency key, concurrently (a store with several writers)
             assert new.idempotency_key is not None
             found = await self.store.find_idempotent(new.target, new.idempotency_key)
@@ -255,6 +263,9 @@ class CommandService:
 
     async def delivery(self, target: Target) -> Delivery:
         return await self.store.delivery(target, self.clock())
+
+    async def deliveries(self, targets: Sequence[Target]) -> list[Delivery]:
+        return await self.store.deliveries(targets, self.clock())
 
     async def endpoint_seen(self, app_version: str, endpoint_token: str) -> None:
         """A device (re)appeared: push everything outstanding for it."""

@@ -112,13 +112,17 @@ class Pushes:
         self.seen: list[tuple[str, Any, bool]] = []
         self.reads = 0
         store: Any = service.store
-        real_delivery = store.delivery
+        real_delivery, real_deliveries = store.delivery, store.deliveries
 
         async def delivery(*args: Any) -> Any:
             self.reads += 1
             return await real_delivery(*args)
 
-        store.delivery = delivery
+        async def deliveries(targets: Any, now: Any) -> Any:
+            self.reads += len(targets)
+            return await real_deliveries(targets, now)
+
+        store.delivery, store.deliveries = delivery, deliveries
 
     async def publish(self, publication: Publication) -> None:
         if not publication.topic.startswith("cex/events/"):
@@ -151,7 +155,8 @@ async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again(
     service, outbox = wired(retain=True)
     pushes = Pushes(service)
     store: Any = service.store
-    store.mark_retained = None  # already marked in the invoke's transaction: calling it would fail
+    # already marked in the invoke's transaction: calling either would fail
+    store.mark_retained = store.mark_retained_many = None
     wire = Wire()
     async with running(outbox, wire.publish):
         command = await service.invoke(REBOOT, {"seq": 1})

@@ -243,6 +243,47 @@ async def test_poll_remembers_observe_and_format(store: CommandStore) -> None:
     assert (delivery.observe, delivery.format) == (True, Format.PLAIN)
 
 
+async def test_deliveries_read_many_targets_at_once_each_as_delivery_does(store: CommandStore) -> None:
+    """One read for a push loop's chunk: in the order asked, repeats kept, each equal to ``delivery``
+    (observer state, retained mark, the open unexpired commands oldest first; none: empty)."""
+    a = await store.create(new(REBOOT))
+    b = await store.create(new(REBOOT))
+    await store.create(new(OTHER_TYPE, ttl_s=1))  # expired by T0 + 2 s
+    done = await store.create(new(OTHER_DEVICE))
+    await store.cancel(done.id, T0)
+    await store.poll(OTHER_DEVICE, T0, False, Format.MSGPACK)
+    await store.mark_retained(REBOOT, True)
+    later = T0 + timedelta(seconds=2)
+    unknown = Target(app_version="app-v1", endpoint_token="nobody", command_type="reboot")
+    asked = [OTHER_DEVICE, REBOOT, unknown, OTHER_TYPE, REBOOT]
+    found = await store.deliveries(asked, later)
+    assert found == [await store.delivery(t, later) for t in asked]
+    assert [d.target for d in found] == asked
+    assert [[c.id for c in d.commands] for d in found] == [[], [a.id, b.id], [], [], [a.id, b.id]]
+    assert (found[0].observe, found[0].format) == (False, Format.MSGPACK)
+    assert (found[1].retained, found[2].observe, found[2].retained) == (True, True, False)
+    assert await store.deliveries([], later) == []
+
+
+async def test_mark_retained_many_is_mark_retained_for_each_in_order(store: CommandStore) -> None:
+    """A chunk's marks and clears at once; a clear keeps the mark of a target with open commands,
+    and a target named twice ends as its last entry says."""
+    await store.create(new(REBOOT))
+    done = await store.create(new(OTHER_DEVICE))
+    await store.cancel(done.id, T0)
+    await store.mark_retained_many(
+        [(REBOOT, True, Format.MSGPACK), (OTHER_DEVICE, True, None), (OTHER_TYPE, True, None)]
+    )
+    assert set(await store.retained_targets()) == {REBOOT, OTHER_DEVICE, OTHER_TYPE}
+    assert (await store.delivery(REBOOT, T0)).retained_format == Format.MSGPACK
+    assert (await store.delivery(OTHER_DEVICE, T0)).retained_format == Format.PLAIN
+    await store.mark_retained_many([(REBOOT, False, None), (OTHER_DEVICE, False, None)])
+    assert set(await store.retained_targets()) == {REBOOT, OTHER_TYPE}  # REBOOT still has an open command
+    await store.mark_retained_many([(OTHER_TYPE, False, None), (OTHER_TYPE, True, Format.JSON)])
+    assert (await store.delivery(OTHER_TYPE, T0)).retained_format == Format.JSON
+    await store.mark_retained_many([])
+
+
 async def test_open_targets_and_retained_marks(store: CommandStore) -> None:
     """Open targets are listed per endpoint; retained marks are remembered."""
     await store.create(new(REBOOT))
@@ -268,6 +309,16 @@ async def test_submit_creates_and_returns_the_committed_delivery(store: CommandS
     assert second.delivery.commands[-1] == second.command == await store.get(second.command.id)
     assert (second.delivery.observe, second.delivery.format, second.delivery.retained) == (True, Format.PLAIN, False)
     assert await store.retained_targets() == []
+
+
+async def test_submit_without_delivery_reads_no_list_and_marks_nothing(store: CommandStore) -> None:
+    """Several instances push lists they read afresh: the invoke then only creates."""
+    created = await store.submit(new(), max_open=10, mark_retained=True, with_delivery=False)
+    assert (created.created, created.delivery) == (True, None)
+    assert created.command == await store.get(created.command.id)
+    assert await store.retained_targets() == []
+    with pytest.raises(LimitExceeded):
+        await store.submit(new(), max_open=1, mark_retained=True, with_delivery=False)
 
 
 async def test_submit_marks_retained_only_for_observing_devices(store: CommandStore) -> None:

@@ -95,7 +95,7 @@ class Created:
 
     command: Command
     created: bool  # False: the idempotency key was used before; ``command`` is that earlier command
-    delivery: Delivery | None  # None when nothing was created
+    delivery: Delivery | None  # None when nothing was created, or none was asked for
 
 
 class CommandStore(Protocol):
@@ -107,14 +107,17 @@ class CommandStore(Protocol):
         Conflict if another command of the same endpoint already has the idempotency key."""
         ...
 
-    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+    async def submit(
+        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+    ) -> Created:
         """An operator's invoke, in one transaction (one round trip to the database):
 
         the endpoint's command with the same idempotency key if there is one (nothing is created);
         else LimitExceeded if the endpoint already has ``max_open`` open commands; else ``create``.
         With ``mark_retained`` (pushes are retained on the broker) a target whose device observes is
         marked retained before the push that follows can happen. Returns the target's delivery as
-        committed, so the push needs no further read."""
+        committed, so the push needs no further read; without ``with_delivery`` (the push reads the
+        list itself) neither the list is read nor anything marked, and ``delivery`` is None."""
         ...
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
@@ -142,6 +145,14 @@ class CommandStore(Protocol):
         ...
 
     async def delivery(self, target: Target, now: datetime) -> Delivery: ...
+
+    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+        """``delivery`` of each target, in the order given, in one read (a push loop's whole chunk)."""
+        ...
+
+    async def mark_retained_many(self, marks: Sequence[tuple[Target, bool, Format | None]]) -> None:
+        """``mark_retained`` for each (target, retained, fmt), in order, in one transaction."""
+        ...
 
     async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
         """Remember whether a non-empty outstanding list is retained on the broker for a target, and
@@ -228,16 +239,13 @@ def resolve_report(current: Command | None, target: Target, command_id: int, rep
     """
     if current is None or current.target != target:
         reason = (
-            f"no command {command_id} for endpoint {target.endpoint_token!r} "
-            f"and command type {target.command_type!r}"
+            f"no command {command_id} for endpoint {target.endpoint_token!r} and command type {target.command_type!r}"
         )
         return ReportOutcome(command_id=command_id, command=None, error=CommandNotFound(reason), changed=False)
     if current.state is CommandState.EXPIRED or current.is_due(report.received_at):
         expired = current if current.state is CommandState.EXPIRED else expire(current, report.received_at)
         error = CommandFinished(f"command {command_id} expired at {rfc3339(expired.expires_at)}")
-        return ReportOutcome(
-            command_id=command_id, command=log_late_report(expired, report), error=error, changed=True
-        )
+        return ReportOutcome(command_id=command_id, command=log_late_report(expired, report), error=error, changed=True)
     try:
         updated = apply_report(current, report)
     except CommandFinished as exc:

@@ -56,13 +56,17 @@ class MemoryStore:
         self._put(command)
         return command
 
-    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+    async def submit(
+        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+    ) -> Created:
         if new.idempotency_key is not None and (found := await self.find_idempotent(new.target, new.idempotency_key)):
             return Created(command=found, created=False, delivery=None)
         endpoint = (new.target.app_version, new.target.endpoint_token)
         open_count = sum(1 for c in self._commands.values() if c.is_open and _endpoint(c.target) == endpoint)
         check_open_limit(open_count, max_open, new.target)
         command = await self.create(new)
+        if not with_delivery:
+            return Created(command=command, created=True, delivery=None)
         if mark_retained and self._observes(new.target) and new.target not in self._retained:
             self._retained[new.target] = self._format(new.target)
         return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
@@ -111,6 +115,9 @@ class MemoryStore:
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         return self._delivery(target, now)
 
+    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+        return [self._delivery(target, now) for target in targets]
+
     def _observes(self, target: Target) -> bool:
         return self._observers.get(target, (True, Format.PLAIN))[0]
 
@@ -127,6 +134,10 @@ class MemoryStore:
             commands=outstanding,
             retained_format=self._retained.get(target),
         )
+
+    async def mark_retained_many(self, marks: Sequence[tuple[Target, bool, Format | None]]) -> None:
+        for target, retained, fmt in marks:
+            await self.mark_retained(target, retained, fmt)
 
     async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
         if retained:

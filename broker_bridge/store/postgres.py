@@ -145,7 +145,12 @@ class PostgresStore:
             raise
         self._writer = conn
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.read_pool, timeout=self.connect_timeout_s, command_timeout=30
+            self.dsn,
+            min_size=1,
+            max_size=self.read_pool,
+            timeout=self.connect_timeout_s,
+            command_timeout=30,
+            reset=_reset_reader,
         )
         self._task = asyncio.create_task(self._write_loop(), name="postgres-writer")
         return self
@@ -296,13 +301,13 @@ class PostgresStore:
             raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
         return commands.create(new, command_id)
 
-    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+    async def submit(
+        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+    ) -> Created:
         target = new.target
 
         async def op(conn: Conn) -> Created:
-            if new.idempotency_key is not None and (
-                found := await _find_idempotent(conn, target, new.idempotency_key)
-            ):
+            if new.idempotency_key is not None and (found := await _find_idempotent(conn, target, new.idempotency_key)):
                 return Created(command=found, created=False, delivery=None)
             command_id = await conn.fetchval(sql.SUBMIT, *rows.insert_params(new), self.instance, max_open)
             if command_id is None:  # nothing written: the limit, or the key taken meanwhile
@@ -310,6 +315,8 @@ class PostgresStore:
                 check_open_limit(open_count, max_open, target)
                 raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
             command = commands.create(new, command_id)
+            if not with_delivery:
+                return Created(command=command, created=True, delivery=None)
             delivery = await _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
                 await conn.execute(sql.MARK_RETAINED, *rows.target_params(target), delivery.format.value)
@@ -386,14 +393,40 @@ class PostgresStore:
         result: Delivery = await self._read(lambda conn: _delivery(conn, target, now))
         return result
 
+    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+        if not targets:
+            return []
+        found = await self._rows(sql.DELIVERIES, *_target_columns(targets), rows.to_us(now))
+        grouped: list[list[Any]] = [[] for _ in targets]
+        for row in found:
+            grouped[row[0] - 1].append(row[1:])
+        return [_to_delivery(target, group) for target, group in zip(targets, grouped, strict=True)]
+
     async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
-        params = rows.target_params(target)
+        await self.mark_retained_many([(target, retained, fmt)])
+
+    async def mark_retained_many(self, marks: Sequence[tuple[Target, bool, Format | None]]) -> None:
+        """One statement for the marks and one for the clears when no target repeats (a push loop's
+        chunk); else one statement each, in order."""
+        marks = list(marks)
+        bulk = len({target for target, _, _ in marks}) == len(marks)
 
         async def op(conn: Conn) -> None:
-            if retained:
-                await conn.execute(sql.MARK_RETAINED, *params, None if fmt is None else fmt.value)
-            else:
-                await conn.execute(sql.CLEAR_RETAINED, *params, *params)
+            if not bulk:
+                for target, retained, fmt in marks:
+                    params = rows.target_params(target)
+                    if retained:
+                        await conn.execute(sql.MARK_RETAINED, *params, None if fmt is None else fmt.value)
+                    else:
+                        await conn.execute(sql.CLEAR_RETAINED, *params, *params)
+                return
+            marked = [(t, fmt) for t, retained, fmt in marks if retained]
+            cleared = [t for t, retained, _ in marks if not retained]
+            if marked:
+                formats = [None if fmt is None else fmt.value for _, fmt in marked]
+                await conn.execute(sql.MARK_RETAINED_MANY, *_target_columns([t for t, _ in marked]), formats)
+            if cleared:
+                await conn.execute(sql.CLEAR_RETAINED_MANY, *_target_columns(cleared))
 
         await self._submit(op)
 
@@ -468,7 +501,8 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO health (instance, checked_at) VALUES ($1, $2) "
                 "ON CONFLICT (instance) DO UPDATE SET checked_at = excluded.checked_at",
-                self.instance or "", rows.to_us(now),
+                self.instance or "",
+                rows.to_us(now),
             )
 
         await self._submit(op)
@@ -535,6 +569,19 @@ class PostgresStore:
         return result
 
 
+def _target_columns(targets: Sequence[Target]) -> tuple[list[str], list[str], list[str]]:
+    """Targets as three arrays, for ``unnest``."""
+    return [t.app_version for t in targets], [t.endpoint_token for t in targets], [t.command_type for t in targets]
+
+
+async def _reset_reader(conn: Conn) -> None:
+    """A read connection back in the pool. asyncpg's default reset (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL) costs a round trip after every read; reads here take no locks, listen to
+    nothing and set nothing, so only a transaction left open (a read cancelled inside one) is undone."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def _count(status: str) -> int:
     """The row count of a command status such as ``UPDATE 3`` or ``DELETE 0``."""
     return int(status.rpartition(" ")[2] or 0)
@@ -578,7 +625,11 @@ async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | 
 
 
 async def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
-    found = await conn.fetch(sql.DELIVERY, *rows.target_params(target), rows.to_us(now))
+    return _to_delivery(target, await conn.fetch(sql.DELIVERY, *rows.target_params(target), rows.to_us(now)))
+
+
+def _to_delivery(target: Target, found: Sequence[Any]) -> Delivery:
+    """DELIVERY's rows: the observer's columns on each, then a command (NULLs: none)."""
     observe, fmt, retained_fmt = found[0][0:3]
     outstanding = tuple(rows.to_command(r[3:]) for r in found if r[3] is not None)
     return Delivery(
@@ -696,9 +747,7 @@ class InstanceLease:
                 f"instance {clash[0]!r} is running against this database; several instances need an "
                 "external MQTT broker (--broker-url) for all of them, not the embedded one"
             )
-        await conn.execute(
-            sql.REGISTER_INSTANCE, self.name, socket.gethostname(), os.getpid(), self.embedded_broker
-        )
+        await conn.execute(sql.REGISTER_INSTANCE, self.name, socket.gethostname(), os.getpid(), self.embedded_broker)
 
     async def keep(self) -> None:
         """Hold the claim until cancelled; after a lost connection, claim again (retrying while the

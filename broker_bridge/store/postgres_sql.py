@@ -61,6 +61,16 @@ DELIVERY = (
     f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM commands WHERE app_version = $1 AND endpoint_token = $2 "
     f"AND command_type = $3 AND state IN {OPEN} AND expires_at > $4 ORDER BY id) c ON true ORDER BY c.id"
 )
+# Many deliveries in one round trip (a push loop's chunk): DELIVERY's rows for each target, numbered
+# by the target's place in the arrays ($1-$3: app versions, tokens, types; $4: now).
+DELIVERIES = (
+    "SELECT t.n, o.observe, o.format, CASE WHEN o.retained = 1 THEN coalesce(o.retained_format, o.format) END, "
+    + ", ".join(f"c.{column.strip()}" for column in COLUMNS.split(","))
+    + " FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(av, token, type, n) "
+    "LEFT JOIN observers o ON o.app_version = t.av AND o.endpoint_token = t.token AND o.command_type = t.type "
+    f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM commands WHERE app_version = t.av AND endpoint_token = t.token "
+    f"AND command_type = t.type AND state IN {OPEN} AND expires_at > $4 ORDER BY id) c ON true ORDER BY t.n, c.id"
+)
 ON_TARGET = "ON CONFLICT (app_version, endpoint_token, command_type)"
 UPSERT_OBSERVER = numbered(
     "INSERT INTO observers AS o (app_version, endpoint_token, command_type, observe, format) "
@@ -72,6 +82,19 @@ MARK_RETAINED = numbered(
     f"VALUES (?, ?, ?, 1, ?) {ON_TARGET} DO UPDATE SET retained = 1, retained_format = excluded.retained_format"
 )
 CLEAR_RETAINED = numbered(rows.CLEAR_RETAINED)
+# The same for many targets (none twice: ON CONFLICT cannot touch a row twice in one statement).
+MARK_RETAINED_MANY = (
+    "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
+    "SELECT av, token, type, 1, fmt FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+    f"AS t(av, token, type, fmt) {ON_TARGET} DO UPDATE SET retained = 1, retained_format = excluded.retained_format"
+)
+CLEAR_RETAINED_MANY = (
+    "UPDATE observers o SET retained = 0, retained_format = NULL "
+    "FROM unnest($1::text[], $2::text[], $3::text[]) AS t(av, token, type) "
+    "WHERE o.app_version = t.av AND o.endpoint_token = t.token AND o.command_type = t.type AND (o.observe = 0 "
+    "OR NOT EXISTS (SELECT 1 FROM commands c WHERE c.app_version = t.av AND c.endpoint_token = t.token "
+    f"AND c.command_type = t.type AND c.state IN {OPEN}))"
+)
 RETAINED_TARGETS = rows.RETAINED_TARGETS
 # Several instances sweep at once without waiting for each other: rows another sweep holds are skipped.
 EXPIRE_DUE = (

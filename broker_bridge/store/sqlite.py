@@ -174,7 +174,9 @@ class SqliteStore(SqliteDevices):
         result: Command = await self._submit(lambda conn: _insert(conn, new), writes=True)
         return result
 
-    async def submit(self, new: NewCommand, *, max_open: int, mark_retained: bool) -> Created:
+    async def submit(
+        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+    ) -> Created:
         target = new.target
 
         def op(conn: Conn) -> Created:
@@ -183,6 +185,8 @@ class SqliteStore(SqliteDevices):
             (open_count,) = conn.execute(rows.OPEN_COUNT, (target.app_version, target.endpoint_token)).fetchone()
             check_open_limit(open_count, max_open, target)  # refused before writing anything
             command = _insert(conn, new)
+            if not with_delivery:
+                return Created(command=command, created=True, delivery=None)
             delivery = _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
                 conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), delivery.format.value))
@@ -256,14 +260,23 @@ class SqliteStore(SqliteDevices):
         result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now), writes=False)
         return result
 
-    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
-        params = rows.target_params(target)
+    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+        found: list[Delivery] = await self._submit(
+            lambda conn: [_delivery(conn, t, now) for t in targets], writes=False
+        )
+        return found
 
+    async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
+        await self.mark_retained_many([(target, retained, fmt)])
+
+    async def mark_retained_many(self, marks: Sequence[tuple[Target, bool, Format | None]]) -> None:
         def op(conn: Conn) -> None:
-            if retained:  # NULL: the observer's format (Format.PLAIN is '', so test for None)
-                conn.execute(rows.MARK_RETAINED, (*params, None if fmt is None else fmt.value))
-            else:
-                conn.execute(rows.CLEAR_RETAINED, (*params, *params))
+            for target, retained, fmt in marks:
+                params = rows.target_params(target)
+                if retained:  # NULL: the observer's format (Format.PLAIN is '', so test for None)
+                    conn.execute(rows.MARK_RETAINED, (*params, None if fmt is None else fmt.value))
+                else:
+                    conn.execute(rows.CLEAR_RETAINED, (*params, *params))
 
         await self._submit(op, writes=True)
 
