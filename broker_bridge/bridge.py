@@ -104,7 +104,10 @@ class MqttLink:
         mqtt5: bool,
         on_refused: Callable[[], None] = lambda: None,
         share_group: str | None = None,
+        on_ignored: Callable[[int], None] = lambda n: None,
     ) -> None:
+        """``on_ignored``: how many of the bridge's own replies and pushes came back and were dropped
+        before parsing (without "no local": shared subscriptions and MQTT 3.1.1)."""
         self.client = client
         self.mqtt5 = mqtt5
         self.share_group = share_group
@@ -112,8 +115,9 @@ class MqttLink:
         # aiomqtt 2.5 internal: its paho client. A QoS 1 message is acknowledged only once handled
         # (committed and answered), so the broker redelivers what a crash interrupted.
         client._client.manual_ack_set(True)
-        BufferedReads(client._client)
-        BufferedWrites(client._client)
+        writes = BufferedWrites(client._client)
+        echoes = share_group is not None or not mqtt5  # what "no local" does not spare us
+        BufferedReads(client._client, drop_replies=writes if echoes else None, on_dropped=on_ignored)
         on_publish = client._client.on_publish  # aiomqtt's: resolves the publish's waiter
         assert on_publish is not None
         self._on_publish: Callable[..., None] = on_publish
@@ -233,7 +237,11 @@ class Bridge:
                 else:
                     async with self._client() as client:
                         link = MqttLink(
-                            client, mqtt5=self.mqtt5, on_refused=self.on_refused, share_group=self.share_group
+                            client,
+                            mqtt5=self.mqtt5,
+                            on_refused=self.on_refused,
+                            share_group=self.share_group,
+                            on_ignored=self._ignored,
                         )
                         await self._serve(link)
             except* aiomqtt.MqttError as group:  # also raised from inside the session's TaskGroup
@@ -245,6 +253,10 @@ class Bridge:
             delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2**self._attempt) * random.uniform(0.5, 1.0)
             log.warning("mqtt_disconnected", error=error, attempt=self._attempt, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+    def _ignored(self, count: int) -> None:
+        for _ in range(count):
+            self.on_received("ignored")
 
     async def _serve(self, link: Link) -> None:
         await link.subscribe(self.scheme.bridge_filters())

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker_bridge.paho_io import BufferedReads
+from broker_bridge.paho_io import BufferedReads, BufferedWrites
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
@@ -37,7 +37,7 @@ class PahoOnSocketPair:
 
 
 class Rig(PahoOnSocketPair):
-    def __init__(self) -> None:
+    def __init__(self, *, drop_replies: bool = False) -> None:
         super().__init__()
         self.received: list[tuple[str, bytes]] = []
         self.paho.on_message = lambda client, userdata, message: self.received.append((message.topic, message.payload))
@@ -49,7 +49,11 @@ class Rig(PahoOnSocketPair):
             return raw(size)
 
         self.paho._sock_recv = counted  # type: ignore[method-assign]
-        self.buffered = BufferedReads(self.paho)
+        self.writes = BufferedWrites(self.paho)
+        self.counted: list[int] = []
+        self.buffered = BufferedReads(
+            self.paho, drop_replies=self.writes if drop_replies else None, on_dropped=self.counted.append
+        )
 
 
 @pytest.fixture
@@ -100,3 +104,66 @@ def test_the_buffer_is_parsed_to_its_end_without_reading_the_socket_again(rig: R
         assert rig.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
     assert [topic for topic, _ in rig.received] == ["t/0", "t/1", "t/2"]
     assert rig.syscalls <= 4
+
+
+def qos1_publish_packet(topic: str, packet_id: int, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
+    assert len(body) < 128
+    return bytes([0x32, len(body)]) + body
+
+
+@pytest.fixture
+def replies() -> Iterator[Rig]:
+    """The bridge's configuration without "no local": replies are dropped and acknowledged here."""
+    made = Rig(drop_replies=True)
+    yield made
+    made.close()
+
+
+def test_the_bridges_own_replies_are_acknowledged_and_never_reach_paho(replies: Rig) -> None:
+    """A shared subscription hands the bridge its own pushes and replies back (no "no local"):
+    each QoS 1 one is PUBACKed with its packet id, QoS 0 ones just dropped; the rest, in order."""
+    burst = (
+        publish_packet("kp1/a/cex/t/command/reboot", b"{}")
+        + qos1_publish_packet("kp1/a/cex/t/command/reboot/status", 7, b"[]")  # our push
+        + publish_packet("kp1/a/cex/t/result/reboot/3/error", b"{}")  # a QoS 0 reply
+        + qos1_publish_packet("cex/admin/a/t/invoke/reboot/1/status", 258, b"{}")
+        + qos1_publish_packet("kp1/a/cex/t/result/reboot/status/x", 9, b"not a reply")
+        + publish_packet("kp1/a/cex/t/result/statusx", b"nor this")
+    )
+    replies.broker.sendall(burst)
+    assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert [topic for topic, _ in replies.received] == [
+        "kp1/a/cex/t/command/reboot",
+        "kp1/a/cex/t/result/reboot/status/x",
+        "kp1/a/cex/t/result/statusx",
+    ]
+    assert (replies.buffered.dropped, replies.counted) == (3, [3])
+    replies.paho.loop_write()
+    sent = replies.broker.recv(100)
+    # PUBACKs of ids 7 and 258 (ours), then paho's own for id 9 (auto-ack here; manual in the bridge)
+    assert sent == b"\x40\x02\x00\x07" + b"\x40\x02\x01\x02" + b"\x40\x02\x00\x09"
+
+
+def test_a_reply_cut_across_reads_is_dropped_once_whole(replies: Rig) -> None:
+    reply = qos1_publish_packet("kp1/a/cex/t/command/reboot/status", 5, b"[1]")
+    after = publish_packet("t/after", b"z")
+    replies.broker.sendall(reply[:3])  # not even the whole topic length
+    assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    replies.broker.sendall(reply[3:10])
+    assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert (replies.received, replies.buffered.dropped) == ([], 0)
+    replies.broker.sendall(reply[10:] + after)
+    assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert replies.received == [("t/after", b"z")]
+    assert replies.buffered.dropped == 1
+    assert replies.writes.buffered == 4  # its PUBACK, until the next writable event
+
+
+def test_with_the_write_side_backed_up_replies_go_to_paho_as_before(replies: Rig) -> None:
+    """No room to queue a PUBACK: nothing is dropped (paho's own path acknowledges later)."""
+    replies.writes.send(b"\x00" * replies.writes.LIMIT)
+    replies.broker.sendall(publish_packet("kp1/a/cex/t/command/reboot/status", b"[]"))
+    assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert replies.received == [("kp1/a/cex/t/command/reboot/status", b"[]")]
+    assert replies.buffered.dropped == 0
