@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 256  # publishes awaited together: enough to keep the connection's in-flight window full
 STORE_RETRY_S = 1.0  # after a database error, publishing waits this long before trying again
-LOCKED_RETRY_S = 0.05  # a target another instance is pushing is tried again after this long
+LOCKED_RETRY_S = 0.005  # a target another instance is pushing is tried again after this long
 
 
 class TargetLocks(Protocol):
@@ -75,6 +75,7 @@ class Outbox:
         self._live: Publish | None = None  # while ``run`` publishes: committed lists go out at once
         self._pushing: set[Target] = set()  # targets the push loop is reading or publishing
         self._sent: set[asyncio.Future[None]] = set()  # pushes published at once, until acknowledged
+        self._clearing: set[asyncio.Future[None]] = set()  # retained marks being cleared after empty pushes
 
     # -- Announcer ----------------------------------------------------------------------------
     def command_changed(self, command: Command) -> None:
@@ -159,7 +160,8 @@ class Outbox:
     @property
     def pending(self) -> int:
         recovering = 0 if self._recover_after is None else 1  # at least one more page may be waiting
-        return len(self._events) + len(self._dirty) + len(self._expired) + len(self._marks) + recovering
+        queued = len(self._events) + len(self._dirty) + len(self._expired) + len(self._marks)
+        return queued + len(self._clearing) + recovering
 
     # -- publishing ---------------------------------------------------------------------------
     async def run(self, publish: Publish) -> None:
@@ -207,11 +209,12 @@ class Outbox:
 
     async def flush(self, publish: Publish) -> None:
         """Publish everything announced so far."""
-        while self._events or self._dirty or self._expired or self._marks or self._recover_after is not None:
+        while self.pending:
             await self._flush_marks(publish)  # first: what was acknowledged stays marked if publishing fails
             await self._flush_pushes(publish)
             await self._flush_all_events(publish)
             await self._flush_marks(publish)
+            await asyncio.gather(*self._clearing, return_exceptions=True)  # a failed one pushes again
 
     async def _load_expired(self) -> None:
         """Turn expired ids into records, a page at a time (the sweep did not decode them)."""
@@ -321,7 +324,23 @@ class Outbox:
             ),
         )
         if emptied:
-            await self.service.store.mark_retained_many([(d.target, False, None) for d in emptied])
+            self._clear_later([d.target for d in emptied])
+
+    def _clear_later(self, targets: list[Target]) -> None:
+        """Clear the marks of lists published empty, without holding up the next chunk: a clear is
+        conditional in the store (never while the target has open commands), so one that commits
+        after a later mark of the same target leaves that mark standing. Failed: pushed again."""
+        marks: list[tuple[Target, bool, Format | None]] = [(t, False, None) for t in targets]
+        clearing = asyncio.ensure_future(self.service.store.mark_retained_many(marks))
+        self._clearing.add(clearing)
+        clearing.add_done_callback(lambda done: self._cleared(done, targets))
+
+    def _cleared(self, done: asyncio.Future[None], targets: list[Target]) -> None:
+        self._clearing.discard(done)
+        if done.cancelled() or done.exception() is None:
+            return
+        log.warning("retained_clear_failed", targets=len(targets), error=str(done.exception()))
+        self.republish(targets)
 
     def _list(self, delivery: Delivery, *, retain: bool) -> Publication:
         items = [delivery_item(c) for c in delivery.commands]

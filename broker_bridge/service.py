@@ -112,7 +112,7 @@ class CommandService:
 
         ``committed_lists``: an invoke's push may use the list as its transaction committed it. False
         when several instances push (each list is read again under its target's lock): the invoke
-        then reads no list and marks nothing, the push does both."""
+        then reads no list (it still marks the target retained)."""
         self.store = store
         self.retained_pushes = retained_pushes
         self.committed_lists = committed_lists

@@ -311,12 +311,21 @@ async def test_submit_creates_and_returns_the_committed_delivery(store: CommandS
     assert await store.retained_targets() == []
 
 
-async def test_submit_without_delivery_reads_no_list_and_marks_nothing(store: CommandStore) -> None:
-    """Several instances push lists they read afresh: the invoke then only creates."""
+async def test_submit_without_delivery_reads_no_list_but_marks_as_with_it(store: CommandStore) -> None:
+    """Several instances push lists they read afresh: the invoke returns no list, and marks the
+    target retained exactly as it would with one (observing devices only, in their format)."""
     created = await store.submit(new(), max_open=10, mark_retained=True, with_delivery=False)
     assert (created.created, created.delivery) == (True, None)
     assert created.command == await store.get(created.command.id)
-    assert await store.retained_targets() == []
+    assert await store.retained_targets() == [REBOOT]
+    assert (await store.delivery(REBOOT, T0)).retained_format == Format.PLAIN
+    await store.poll(OTHER_TYPE, T0, True, Format.MSGPACK)
+    await store.submit(new(OTHER_TYPE), max_open=10, mark_retained=True, with_delivery=False)
+    assert (await store.delivery(OTHER_TYPE, T0)).retained_format == Format.MSGPACK
+    await store.poll(OTHER_DEVICE, T0, False, Format.PLAIN)
+    await store.submit(new(OTHER_DEVICE), max_open=10, mark_retained=True, with_delivery=False)
+    await store.submit(new(OTHER_DEVICE), max_open=10, mark_retained=False, with_delivery=False)
+    assert sorted(await store.retained_targets(), key=str) == sorted([REBOOT, OTHER_TYPE], key=str)
     with pytest.raises(LimitExceeded):
         await store.submit(new(), max_open=1, mark_retained=True, with_delivery=False)
 

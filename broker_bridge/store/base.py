@@ -117,7 +117,7 @@ class CommandStore(Protocol):
         With ``mark_retained`` (pushes are retained on the broker) a target whose device observes is
         marked retained before the push that follows can happen. Returns the target's delivery as
         committed, so the push needs no further read; without ``with_delivery`` (the push reads the
-        list itself) neither the list is read nor anything marked, and ``delivery`` is None."""
+        list itself) the list is not read (``delivery`` is None), and the mark is made all the same."""
         ...
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:

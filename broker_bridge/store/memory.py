@@ -65,10 +65,10 @@ class MemoryStore:
         open_count = sum(1 for c in self._commands.values() if c.is_open and _endpoint(c.target) == endpoint)
         check_open_limit(open_count, max_open, new.target)
         command = await self.create(new)
-        if not with_delivery:
-            return Created(command=command, created=True, delivery=None)
         if mark_retained and self._observes(new.target) and new.target not in self._retained:
             self._retained[new.target] = self._format(new.target)
+        if not with_delivery:
+            return Created(command=command, created=True, delivery=None)
         return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:

@@ -85,12 +85,13 @@ DB_ERRORS = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 # deadlock_timeout (1 s) to notice. So the writer's session gives up on a lock after 100 ms, and the
 # batch is run again one operation per transaction that waits as long as it takes (PATIENT).
 WRITER_SETTINGS = {"lock_timeout": "100ms"}
-PATIENT = "SET LOCAL lock_timeout = 0"
+PATIENT = "SET LOCAL lock_timeout = 0"  # inside the transaction's BEGIN
 
 
 @dataclass(slots=True)
 class _Op:
     fn: Callable[[Conn], Awaitable[Any]]  # runs inside the batch's transaction
+    decides_on: tuple[int, ...] = ()  # command rows it reads to decide (locked for the whole batch at once)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -126,6 +127,7 @@ class PostgresStore:
         self._listener: Conn | None = None
         self._task: asyncio.Task[None] | None = None
         self._finished: list[int] = []  # ids the running transaction made final (its NOTIFY)
+        self._locked: dict[int, Command] = {}  # rows the running transaction locked, as it last wrote them
 
     # -- life cycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -200,8 +202,8 @@ class PostgresStore:
             self.on_finished([int(i) for i in payload.split(",") if i])
 
     # -- the writer -----------------------------------------------------------------------------
-    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]]) -> Any:
-        op = _Op(fn=fn)
+    async def _submit(self, fn: Callable[[Conn], Awaitable[Any]], decides_on: tuple[int, ...] = ()) -> Any:
+        op = _Op(fn=fn, decides_on=decides_on)
         self._inbox.put_nowait(op)  # before any suspension: keeps callers' order
         return await op.future
 
@@ -259,18 +261,34 @@ class PostgresStore:
         conn = await self._writer_conn()
         results: Results = []
         self._finished = []
-        async with conn.transaction():
-            if patient:
-                await conn.execute(PATIENT)
+        self._locked = {}
+        # BEGIN and COMMIT by hand, so each shares its round trip (simple-query protocol): BEGIN with
+        # a patient batch's setting, COMMIT with the NOTIFY of what the batch made final.
+        await conn.execute(f"BEGIN; {PATIENT}" if patient else "BEGIN")
+        try:
+            # The rows the batch's reports and cancels decide on, locked in one statement (one round
+            # trip, not one per report) and in id order, the same order on every instance.
+            if wanted := sorted({i for op in batch for i in op.decides_on if 0 < i < 2**63}):
+                found = await conn.fetch(sql.SELECT_MANY_FOR_UPDATE, wanted)
+                self._locked = {command.id: command for command in map(rows.to_command, found)}
             for op in batch:
                 try:
                     results.append((await op.fn(conn), None))
                 except BridgeError as exc:  # refused before writing anything
                     results.append((None, exc))
-            finished = self._finished  # what this transaction's writes made final
-            for start in range(0, len(finished), 500):  # NOTIFY payloads stay under 8000 bytes
-                ids = ",".join(str(i) for i in finished[start : start + 500])
-                await conn.execute("SELECT pg_notify($1, $2)", sql.FINAL_CHANNEL, ids)
+            # NOTIFY payloads stay under 8000 bytes; ids are digits, the channel a constant: literals.
+            notices = [
+                f"SELECT pg_notify('{sql.FINAL_CHANNEL}', '{','.join(map(str, self._finished[i : i + 500]))}')"
+                for i in range(0, len(self._finished), 500)
+            ]
+            for notice in notices[:-1]:
+                await conn.execute(notice)
+            await conn.execute(f"{notices[-1]}; COMMIT" if notices else "COMMIT")
+        except BaseException:
+            if not conn.is_closed() and conn.is_in_transaction():
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+            raise
         return results
 
     async def _drop_writer(self) -> None:
@@ -309,13 +327,15 @@ class PostgresStore:
         async def op(conn: Conn) -> Created:
             if new.idempotency_key is not None and (found := await _find_idempotent(conn, target, new.idempotency_key)):
                 return Created(command=found, created=False, delivery=None)
-            command_id = await conn.fetchval(sql.SUBMIT, *rows.insert_params(new), self.instance, max_open)
+            marking = mark_retained and not with_delivery  # with the list read, the mark follows it
+            statement = sql.SUBMIT_MARKING if marking else sql.SUBMIT
+            command_id = await conn.fetchval(statement, *rows.insert_params(new), self.instance, max_open)
             if command_id is None:  # nothing written: the limit, or the key taken meanwhile
                 open_count = await conn.fetchval(sql.OPEN_COUNT, target.app_version, target.endpoint_token)
                 check_open_limit(open_count, max_open, target)
                 raise Conflict(f"idempotency key {new.idempotency_key!r} is already used")
             command = commands.create(new, command_id)
-            if not with_delivery:
+            if not with_delivery:  # marked by SUBMIT_MARKING if asked
                 return Created(command=command, created=True, delivery=None)
             delivery = await _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
@@ -349,11 +369,17 @@ class PostgresStore:
         async def op(conn: Conn) -> list[ReportOutcome]:
             return [await self._report_one(conn, target, command_id, report) for command_id, report in reports]
 
-        result: list[ReportOutcome] = await self._submit(op)
+        result: list[ReportOutcome] = await self._submit(op, decides_on=tuple(i for i, _ in reports))
         return result
 
+    async def _for_update(self, conn: Conn, command_id: int) -> Command | None:
+        """The row, locked: as the batch locked it (or last wrote it), else read and locked now."""
+        if (locked := self._locked.get(command_id)) is not None:
+            return locked
+        return await _fetch_for_update(conn, command_id)
+
     async def _report_one(self, conn: Conn, target: Target, command_id: int, report: Report) -> ReportOutcome:
-        current = await _fetch_for_update(conn, command_id)
+        current = await self._for_update(conn, command_id)
         outcome = resolve_report(current, target, command_id, report)
         if outcome.changed and outcome.command is not None and current is not None:
             await self._save(conn, current, outcome.command)
@@ -364,17 +390,19 @@ class PostgresStore:
         status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
         if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
             raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
+        if before.id in self._locked:
+            self._locked[before.id] = after
         if not after.is_open:
             self._finished.append(after.id)
 
     async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
         async def op(conn: Conn) -> Command:
-            current = check_cancel(await _fetch_for_update(conn, command_id), command_id, target)
+            current = check_cancel(await self._for_update(conn, command_id), command_id, target)
             cancelled = commands.cancel(current, now)
             await self._save(conn, current, cancelled)
             return cancelled
 
-        result: Command = await self._submit(op)
+        result: Command = await self._submit(op, decides_on=(command_id,))
         return result
 
     async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
@@ -446,6 +474,7 @@ class PostgresStore:
                 return []
             found = await conn.fetch(sql.EXPIRE_DUE, rows.to_us(now), limit * EXPIRE_WINDOW, limit, self.instance)
             self._finished.extend(r[0] for r in found)
+            self._locked.clear()  # rows this batch locked may have expired just now: read them again
             return [(r[0], rows.to_target(r[1:])) for r in sorted(found)]
 
         result: list[tuple[int, Target]] = await self._submit(op)
@@ -465,6 +494,7 @@ class PostgresStore:
         async def op(conn: Conn) -> int:
             if not await conn.fetchval(sql.TRY_XACT_LOCK, RETENTION_LOCK):
                 return 0
+            self._locked.clear()  # a row this batch locked may be gone
             return _count(await conn.execute(query, *args))
 
         result: int = await self._submit(op)

@@ -186,6 +186,8 @@ class SqliteStore(SqliteDevices):
             check_open_limit(open_count, max_open, target)  # refused before writing anything
             command = _insert(conn, new)
             if not with_delivery:
+                if mark_retained:
+                    conn.execute(rows.MARK_RETAINED_IF_OBSERVED, rows.target_params(target))
                 return Created(command=command, created=True, delivery=None)
             delivery = _delivery(conn, target, new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:

@@ -61,6 +61,13 @@ MARK_RETAINED = (
     "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
     "VALUES (?, ?, ?, 1, ?) ON CONFLICT DO UPDATE SET retained = 1, retained_format = excluded.retained_format"
 )
+# An invoke's mark without reading the list: only for a device that observes and is not marked yet
+# (a new observer row is the defaults: observing, plain JSON).
+MARK_RETAINED_IF_OBSERVED = (
+    "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
+    "VALUES (?, ?, ?, 1, '') ON CONFLICT (app_version, endpoint_token, command_type) DO UPDATE "
+    "SET retained = 1, retained_format = observers.format WHERE observers.observe = 1 AND observers.retained = 0"
+)
 # Cleared only while the target has no open command (an invoke committed since the list was found
 # empty has marked it again, in its own transaction, and its push may be retained by now) or while
 # the device does not observe (then the list was deleted, and no invoke marks it).
