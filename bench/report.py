@@ -416,15 +416,22 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## 5. Scale-out (Mosquitto; PostgreSQL " + str(scale_out.get("postgres")) + ")",
             "",
+            f"Each configuration {scale_out.get('repeats', 1)} time(s), interleaved; the median repetition "
+            "(and the median CPU per command); every repetition's executed/s and CPU ms per command in the "
+            "last column.",
+            "",
             "| database | instances | executed/s | invoke→executed p50 / p99 ms | bridge CPU ms per command "
-            "| CPU (cores) |",
-            "|---|---:|---:|---:|---:|---|",
+            "| CPU (cores) | repetitions |",
+            "|---|---:|---:|---:|---:|---|---|",
         ]
         for run in scale_out["runs"]:
+            reps = ", ".join(
+                f"{_fmt(r['executed_per_s'])}/s {r['bridge_cpu_ms_per_command']} ms" for r in run.get("repetitions", [])
+            )
             out.append(
                 f"| {run['engine']} | {run['instances']} | {_fmt(run['executed_per_s'])} "
                 f"| {_lat(run['latency_ms'].get('latency'))} | {run['bridge_cpu_ms_per_command']} "
-                f"| {_cpu(run['cpu_cores'])} |"
+                f"| {_cpu(run['cpu_cores'])} | {reps} |"
             )
         big = _get(scale_out, "storage", "at_scale")
         if big:

@@ -50,6 +50,7 @@ class Scale:
     profile_brokers: tuple[Broker, ...]
     timeout_s: float
     scaleout_count: int = 3_000
+    scaleout_repeats: int = 3
     scaleout_rows: int = 1_000_000
     window: int = 64
     fanout_window: int = 1000
@@ -90,6 +91,7 @@ SCALES = {
         timeout_s=60.0,
         rss_settle_s=1.0,
         scaleout_count=400,
+        scaleout_repeats=1,
         scaleout_rows=50_000,
     ),
     "tiny": Scale(
@@ -109,6 +111,7 @@ SCALES = {
         rss_settle_s=0.3,
         profile_rate_hz=200,
         scaleout_count=100,
+        scaleout_repeats=1,
         scaleout_rows=3_000,
         scenarios=("echo", "e2e", "storage", "fanout"),
     ),
@@ -125,7 +128,7 @@ def _steps(scenarios: list[str], brokers: list[Broker], scale: Scale) -> int:
             "storage": 6,
             "fanout": 2 if "mosquitto" in brokers else 0,
             "profile": len([b for b in scale.profile_brokers if b in brokers]),
-            "scaleout": 2 * len(scaleout.CONFIGS) + 3 if "mosquitto" in brokers else 0,
+            "scaleout": 2 * len(scaleout.CONFIGS) * scale.scaleout_repeats + 3 if "mosquitto" in brokers else 0,
         }[name]
     return count
 
@@ -238,6 +241,7 @@ def _plan(
                         count=scale.scaleout_count,
                         window=scale.window,
                         rows=scale.scaleout_rows,
+                        repeats=scale.scaleout_repeats,
                         storage_endpoints=scale.storage_endpoints,
                         samples=scale.storage_samples,
                         log_level=log_level,
