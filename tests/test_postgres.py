@@ -69,41 +69,40 @@ async def test_one_result_reported_to_two_instances_at_once_is_applied_once(
         assert len(stored.log) == 1
 
 
-async def test_one_batch_decides_on_rows_it_locked_at_once_and_sees_its_own_writes(
+async def test_one_batch_decides_reports_first_and_the_rest_sees_their_writes(
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:
-    """A batch locks its reports' and cancels' rows in one statement; an operation later in the
-    batch decides on what an earlier one wrote (progress, then final, then a cancel refused), an
-    expiry in between is read again, and an id that does not exist is refused alone."""
+    """A batch locks its reports' and cancels' rows in one statement and runs them first, each on
+    what the earlier ones decided (progress, then final, then a cancel refused), writes them in one
+    statement, then runs the rest in order on the written rows; an unknown id is refused alone."""
     a, _ = pair
     first, second = await a.create(new(target(1), ttl_s=3)), await a.create(new(target(2)))
     sizes = len(a.batch_sizes)
-    progress, final, cancel, expire, late, unknown = await asyncio.gather(
+    limited, expired, progress, final, cancel, late, unknown = await asyncio.gather(
+        a.submit(new(target(2)), max_open=1, mark_retained=False),  # second is open: refused if first
+        a.expire_due(T0 + timedelta(seconds=5), 10),  # first is due by then, unless executed
         a.report(first.target, [(first.id, report(102, payload="half"))]),
         a.report(second.target, [(second.id, report(102)), (second.id, report(200, payload="done"))]),
         a.cancel(second.id, T0),
-        a.expire_due(T0 + timedelta(seconds=5), 10),
         a.report(first.target, [(first.id, report(200))]),
         a.report(first.target, [(first.id + 1000, report(200))]),
         return_exceptions=True,
     )
-    assert a.batch_sizes[sizes:] == [6]  # one transaction
-    assert not isinstance(progress, BaseException)
-    assert progress[0].error is None
-    assert not isinstance(final, BaseException)
-    assert [o.error for o in final] == [None, None]
+    assert a.batch_sizes[sizes:] == [7]  # one transaction
+    assert not isinstance(limited, BaseException)
+    assert limited.created
+    assert expired == []
+    for outcome in (progress, final, late):
+        assert not isinstance(outcome, BaseException)
+        assert [o.error for o in outcome] == [None] * len(outcome)
     assert isinstance(cancel, CommandFinished)
-    assert expire == [(first.id, first.target)]
-    assert not isinstance(late, BaseException)
-    assert isinstance(late[0].error, CommandFinished)
     assert not isinstance(unknown, BaseException)
     assert unknown[0].error is not None
-    done, expired = await a.get(second.id), await a.get(first.id)
-    assert done is not None
-    assert done.state is CommandState.EXECUTED
-    assert [r.status_code for r in done.log] == [102, 200]
-    assert expired is not None
-    assert expired.state is CommandState.EXPIRED
+    for command_id, codes in ((first.id, [102, 200]), (second.id, [102, 200])):
+        stored = await a.get(command_id)
+        assert stored is not None
+        assert stored.state is CommandState.EXECUTED
+        assert [r.status_code for r in stored.log] == codes
 
 
 async def test_two_sweeps_expire_each_command_once(pair: tuple[PostgresStore, PostgresStore]) -> None:

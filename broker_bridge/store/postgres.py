@@ -128,6 +128,7 @@ class PostgresStore:
         self._task: asyncio.Task[None] | None = None
         self._finished: list[int] = []  # ids the running transaction made final (its NOTIFY)
         self._locked: dict[int, Command] = {}  # rows the running transaction locked, as it last wrote them
+        self._unwritten: dict[int, tuple[Command, Command]] = {}  # id: (as read, as decided), to write at once
 
     # -- life cycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -261,7 +262,7 @@ class PostgresStore:
         conn = await self._writer_conn()
         results: Results = []
         self._finished = []
-        self._locked = {}
+        self._locked, self._unwritten = {}, {}
         # BEGIN and COMMIT by hand, so each shares its round trip (simple-query protocol): BEGIN with
         # a patient batch's setting, COMMIT with the NOTIFY of what the batch made final.
         await conn.execute(f"BEGIN; {PATIENT}" if patient else "BEGIN")
@@ -271,11 +272,21 @@ class PostgresStore:
             if wanted := sorted({i for op in batch for i in op.decides_on if 0 < i < 2**63}):
                 found = await conn.fetch(sql.SELECT_MANY_FOR_UPDATE, wanted)
                 self._locked = {command.id: command for command in map(rows.to_command, found)}
-            for op in batch:
+            # Reports and cancels first, their rows written together (one UPDATE for all, not one
+            # each); then the rest in order, which see those writes. Every operation of a batch was
+            # waiting at once, so any order among them is one they could have run in.
+            order = sorted(range(len(batch)), key=lambda index: not batch[index].decides_on)
+            done: dict[int, tuple[Any, BridgeError | None]] = {}
+            for index in order:
+                op = batch[index]
+                if not op.decides_on:
+                    await self._write_decided(conn)
                 try:
-                    results.append((await op.fn(conn), None))
+                    done[index] = (await op.fn(conn), None)
                 except BridgeError as exc:  # refused before writing anything
-                    results.append((None, exc))
+                    done[index] = (None, exc)
+            await self._write_decided(conn)
+            results = [done[index] for index in range(len(batch))]
             # NOTIFY payloads stay under 8000 bytes; ids are digits, the channel a constant: literals.
             notices = [
                 f"SELECT pg_notify('{sql.FINAL_CHANNEL}', '{','.join(map(str, self._finished[i : i + 500]))}')"
@@ -386,14 +397,30 @@ class PostgresStore:
         return outcome
 
     async def _save(self, conn: Conn, before: Command, after: Command) -> None:
-        params = rows.update_params(before, after)
-        status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
-        if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
-            raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
-        if before.id in self._locked:
+        if before.id in self._locked:  # locked by the batch: written with the others (_write_decided)
+            first = self._unwritten.get(before.id, (before, after))[0]
+            self._unwritten[before.id] = (first, after)
             self._locked[before.id] = after
+        else:
+            params = rows.update_params(before, after)
+            status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
+            if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
+                raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
         if not after.is_open:
             self._finished.append(after.id)
+
+    async def _write_decided(self, conn: Conn) -> None:
+        """Write what the batch's reports and cancels decided so far, in one statement."""
+        if not self._unwritten:
+            return
+        unwritten, self._unwritten = self._unwritten, {}
+        columns: list[list[Any]] = [[] for _ in range(9)]
+        for before, after in unwritten.values():
+            for column, value in zip(columns, rows.update_params(before, after), strict=True):
+                column.append(value)
+        written = {r[0] for r in await conn.fetch(sql.UPDATE_MANY, *columns, self.instance)}
+        if missed := sorted(set(unwritten) - written):  # the rows are locked by us: a bug, not a race
+            raise StoreUnavailable(f"commands {missed} changed concurrently; retry")
 
     async def cancel(self, command_id: int, now: datetime, target: Target | None = None) -> Command:
         async def op(conn: Conn) -> Command:

@@ -55,6 +55,16 @@ UPDATE = numbered(
     "UPDATE commands SET state = ?, status_code = ?, reason_phrase = ?, result_payload = ?, updated_at = ?, "
     "log = ?, announced = 0, announcer = ? WHERE id = ? AND state = ? AND updated_at = ?"
 )
+# UPDATE for many rows at once (the reports and cancels of one batch), each only from the version it
+# was decided on; RETURNING tells which were written.
+UPDATE_MANY = (
+    "UPDATE commands SET state = u.state, status_code = u.status_code, reason_phrase = u.reason_phrase, "
+    "result_payload = u.result_payload, updated_at = u.updated_at, log = u.log, announced = 0, announcer = $10 "
+    "FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[], "
+    "$8::text[], $9::bigint[]) AS u(state, status_code, reason_phrase, result_payload, updated_at, log, id, "
+    "old_state, old_updated_at) WHERE commands.id = u.id AND commands.state = u.old_state "
+    "AND commands.updated_at = u.old_updated_at RETURNING commands.id"
+)
 OPEN_COUNT = numbered(rows.OPEN_COUNT)
 OUTSTANDING = numbered(rows.OUTSTANDING)
 OPEN_TARGETS = numbered(rows.OPEN_TARGETS)
