@@ -231,7 +231,13 @@ async def test_manifest_commands_get_a_generated_form_and_dangerous_ones_a_confi
         await page.get_by_label("API key").fill(KEY)
         await page.get_by_role("button", name="Sign in").click()
         await page.goto(f"{base}/console/devices/{device_id}")
+        # Choosing a type fetches its fields (htmx) and replaces the ones shown: fill them only once
+        # that is done, or the values typed go into fields about to be replaced (a flaky run did).
+        settled = "new Promise(done => document.body.addEventListener('htmx:afterSettle', "
+        settled += "event => event.detail.target.id === 'arguments' && done(true)))"
+        await page.evaluate(f"() => {{ window.argumentsSettled = {settled}; }}")
         await page.get_by_label("Command type").select_option("reboot")
+        await page.evaluate("() => window.argumentsSettled")
         await page.get_by_label("delay (required)").fill("5")
         await page.get_by_label("mode").select_option("hard")
         await page.get_by_role("button", name="Run", exact=True).click()
