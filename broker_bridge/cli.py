@@ -327,7 +327,8 @@ def _print_devices(result: Any, as_json: bool) -> None:
     for r in records:
         commands = ", ".join(sorted((r["manifest"] or {}).get("commands", {}))) or "(any command)"
         labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
-        print(f"{r['id']}  {r['app_version']}/{r['endpoint_token']}  {labels}  commands: {commands}")
+        seen = r["last_seen_at"] or "not yet"
+        print(f"{r['id']}  {r['app_version']}/{r['endpoint_token']}  {labels}  commands: {commands}  last seen: {seen}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {

@@ -86,6 +86,7 @@ class Device:
     manifest: Manifest | None = None
     created_at: datetime
     updated_at: datetime
+    last_seen_at: datetime | None = None  # its last KP1 message (MQTT or HTTP), to about a second
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 RETENTION_SWEEP_S = 60.0
 SWEEP_BATCH = 1000
+SEEN_FLUSH_S = 1.0  # devices' last-seen times are written this often (one write for all of them)
 # SQLite's cost per expired row falls with the batch size (measured: 100k rows in 3.1 s by 1000,
 # 0.9 s by 10000 and more), so the expiry sweep takes big bites.
 EXPIRE_BATCH = 10_000
@@ -212,11 +213,14 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             broker_connected=bridge.connected.is_set,
             live=parts.live,
         )
+        # Last: what was heard since the last flush (the store closes after this stack).
+        stack.push_async_callback(_final_seen_flush, service)
         async with asyncio.TaskGroup() as tasks:
             _spawn(tasks, bridge.run(), "mqtt-bridge")
             _spawn(tasks, http_server.serve(app, http_socket), "http")
             _spawn(tasks, _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), "expiry-sweeper")
             _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
+            _spawn(tasks, _sweep(service.flush_seen, SEEN_FLUSH_S, batch=2**62), "last-seen")  # never "full"
             if parts.postgres is not None:
                 _spawn(tasks, parts.postgres.listen(), "postgres-listen")
                 _spawn(tasks, _adopt_orphans(parts.postgres, parts.outbox, service), "orphan-events")
@@ -278,6 +282,13 @@ async def _sweep(step: Callable[[int], Awaitable[int]], interval_s: float, batch
             done = 0
         if done < batch:
             await asyncio.sleep(interval_s)
+
+
+async def _final_seen_flush(service: CommandService) -> None:
+    try:
+        await service.flush_seen()
+    except StoreUnavailable as exc:
+        log.warning("last_seen_not_written", reason=exc.reason)
 
 
 async def _announce_ready(settings: Settings, bridge: Bridge, ready: Callable[[], object]) -> None:

@@ -122,6 +122,7 @@ class CommandService:
         self.registry = Registry(store, registry_mode, clock)
         self._waiters: dict[int, set[asyncio.Future[Command]]] = {}
         self._lookups: set[asyncio.Task[None]] = set()  # reads for waiters woken by another instance
+        self._seen: dict[tuple[str, str], datetime] = {}  # endpoints heard from since the last flush
 
     # -- operator side ------------------------------------------------------------------------
     async def invoke(
@@ -237,6 +238,7 @@ class CommandService:
     async def poll(self, target: Target, observe: bool | None, fmt: Format = Format.PLAIN) -> tuple[Command, ...]:
         """Every outstanding command of a target; remembers the observe flag and format."""
         await self.registry.admit(target.app_version, target.endpoint_token)
+        self._saw(target)
         polled = await self.store.poll(target, self.clock(), observe, fmt)
         if polled.moved:  # the device switched formats: its retained list must follow it
             self.announcer.outstanding_changed(target, added=True)
@@ -245,6 +247,7 @@ class CommandService:
     async def report(self, target: Target, results: Sequence[ResultItem]) -> list[ReportOutcome]:
         """Apply a device's results in order; each refused one carries its error."""
         await self.registry.admit(target.app_version, target.endpoint_token)
+        self._saw(target)
         now = self.clock()
         reports = [(item.id, _to_report(item, now)) for item in results]
         outcomes = await self.store.report(target, reports)
@@ -260,6 +263,24 @@ class CommandService:
             log.info("result_refused", id=outcome.command_id, reason=outcome.error.reason)
         elif outcome.command is not None:
             log.debug("result_applied", id=outcome.command_id, state=outcome.command.state.value)
+
+    def _saw(self, target: Target) -> None:
+        self._seen[(target.app_version, target.endpoint_token)] = self.clock()
+
+    async def flush_seen(self, _limit: int = 0) -> int:
+        """Write when devices were last heard from, all gathered since the last flush in one write
+        (a write per message would double the store's work); returns how many. On a store error
+        they stay gathered (a later sighting of the same device wins) for the next flush."""
+        seen, self._seen = self._seen, {}
+        if not seen:
+            return 0
+        try:
+            await self.store.mark_seen([(av, token, at) for (av, token), at in seen.items()])
+        except BaseException:
+            for key, at in seen.items():
+                self._seen[key] = max(at, self._seen.get(key, at))
+            raise
+        return len(seen)
 
     async def delivery(self, target: Target) -> Delivery:
         return await self.store.delivery(target, self.clock())

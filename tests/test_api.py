@@ -357,6 +357,31 @@ async def test_create_device_with_id_manifest_and_labels(api: Api) -> None:
     assert (await api.client.get(f"/v3/devices/{DEVICE}")).json() == {"device": device}
 
 
+async def test_a_device_is_last_seen_at_its_last_kp1_message_over_http_or_mqtt(api: Api) -> None:
+    """last_seen_at is null until the device sends anything; each KP1 message (an HTTP poll, an
+    MQTT result) moves it on, written by the once-a-second flush."""
+    device = await register(api)
+    assert device["last_seen_at"] is None
+
+    async def seen_after(earlier: str | None) -> str:
+        for _ in range(100):
+            found = (await api.client.get(f"/v3/devices/{DEVICE}")).json()["device"]["last_seen_at"]
+            if found is not None and (earlier is None or found > earlier):
+                return str(found)
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"last_seen_at stayed {earlier}")
+
+    assert (await api.anon.post(api.kp1("command/reboot"), json={})).status_code == 200
+    first = await seen_after(None)
+    assert RFC3339.match(first)
+    assert first >= device["created_at"]
+    async with probe(api.mqtt_port) as mqtt:
+        await mqtt.request(api.topic("result/reboot/1"), [{"id": 999_999, "statusCode": 200}])
+    assert await seen_after(first) > first
+    listed = (await api.client.get("/v3/devices")).json()["devices"]
+    assert [d["last_seen_at"] for d in listed if d["id"] == DEVICE] == [await seen_after(None)]
+
+
 async def test_create_device_without_id_generates_one(api: Api) -> None:
     """Without an id the device gets a generated one and no manifest."""
     device = await register(api, device_id=None, manifest=None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broker_bridge.commands import rfc3339
 from broker_bridge.console import session as sessions
 from broker_bridge.service import CommandService
 from broker_bridge.topics import Target
@@ -173,6 +174,29 @@ async def test_history_filters_and_pages(tmp_path: Path) -> None:
         assert bad.status_code == 400
         fleet = await client.get("/console/executions", params={"partial": 1, "type": "reboot"})
         assert "30 in all" in fleet.text
+
+
+async def test_device_list_shows_when_each_device_was_last_seen(tmp_path: Path) -> None:
+    """A device that has sent nothing says so; one that polled shows the time of its poll (written
+    by the once-a-second flush)."""
+    async with site(tmp_path) as (client, service):
+        await sign_in(client)
+        quiet = await service.registry.add(app_version="c-v1", endpoint_token="quiet")
+        await service.registry.add(app_version="c-v1", endpoint_token="talks")
+        await service.poll(Target(app_version="c-v1", endpoint_token="talks", command_type="reboot"), None)
+        page = await client.get("/console/devices")
+        for _ in range(int(WAIT_S * 10)):
+            if "<time" in page.text:
+                break
+            await asyncio.sleep(0.1)
+            page = await client.get("/console/devices")
+        assert "<th>Last seen</th>" in page.text
+        stored = await service.store.device_for("c-v1", "talks")
+        assert stored is not None
+        assert stored.last_seen_at is not None
+        assert f'<time datetime="{rfc3339(stored.last_seen_at)}">' in page.text
+        row = page.text[page.text.index(quiet.device_id) :].split("</tr>")[0]
+        assert "not yet" in row
 
 
 async def test_events_stream_tells_of_each_change_of_the_device(tmp_path: Path) -> None:

@@ -567,6 +567,31 @@ async def test_device_registry_round_trip(store: CommandStore) -> None:
     assert await store.get_device("d1") is None
 
 
+async def test_mark_seen_keeps_the_latest_time_and_survives_edits(store: CommandStore) -> None:
+    """Last-seen times for many endpoints at once: never back in time (the same endpoint twice, or
+    an older flush written later), unknown endpoints left out, and an edit keeps the time."""
+    await store.add_device(device("d1", "dev1"))
+    await store.add_device(device("d2", "dev2"))
+    fresh = await store.get_device("d1")
+    assert fresh is not None
+    assert fresh.last_seen_at is None
+    t1, t2 = T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)
+    await store.mark_seen([("app-v1", "dev1", t2), ("app-v1", "dev1", t1), ("app-v1", "nobody", t2)])
+    await store.mark_seen([("app-v1", "dev2", t1)])
+    await store.mark_seen([("app-v1", "dev1", t1), ("app-v1", "dev2", t2)])  # dev1's is older: kept
+    await store.mark_seen([])
+    one, two = await store.get_device("d1"), await store.device_for("app-v1", "dev2")
+    assert one is not None
+    assert two is not None
+    assert (one.last_seen_at, two.last_seen_at) == (t2, t2)
+    await store.replace_device(dataclasses.replace(one, labels={"site": "c"}, last_seen_at=None))
+    edited = await store.get_device("d1")
+    assert edited is not None
+    assert (edited.labels, edited.last_seen_at) == ({"site": "c"}, t2)
+    assert [d.last_seen_at for d in await store.devices(limit=10, offset=0)] == [t2, t2]
+    assert await store.count_devices() == 2
+
+
 async def test_device_conflicts(store: CommandStore) -> None:
     """Duplicate ids and duplicate endpoints are refused; replacing an unknown device is not found."""
     await store.add_device(device())

@@ -113,4 +113,5 @@ def device(found: Device) -> dict[str, Any]:
         "manifest": None if found.manifest is None else found.manifest.model_dump(exclude_none=True),
         "created_at": rfc3339(found.created_at),
         "updated_at": rfc3339(found.updated_at),
+        "last_seen_at": None if found.last_seen_at is None else rfc3339(found.last_seen_at),
     }

@@ -30,6 +30,7 @@ from broker_bridge.store import CommandQuery
 from broker_bridge.topics import Codec, Target
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
+TEMPLATES.env.filters["rfc3339"] = rfc3339
 PAGE = 25
 KEEPALIVE_S = 15.0
 router = APIRouter(include_in_schema=False)

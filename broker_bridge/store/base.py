@@ -229,6 +229,11 @@ class CommandStore(Protocol):
         """Unregister a device (its command history stays); False if there was none."""
         ...
 
+    async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
+        """Record when endpoints (app version, token) were last heard from, all in one write. A
+        device's time never goes back; endpoints of no registered device are left out."""
+        ...
+
 
 def resolve_report(current: Command | None, target: Target, command_id: int, report: Report) -> ReportOutcome:
     """Decide what one report does to the stored command; shared by every store.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -200,10 +201,11 @@ class MemoryStore:
         return device
 
     async def replace_device(self, device: Device) -> Device:
-        if device.device_id not in self._devices:
+        if (existing := self._devices.get(device.device_id)) is None:
             raise DeviceNotFound(f"no device {device.device_id!r}")
         self._check_free(device)
-        self._devices[device.device_id] = device
+        # As in the SQL stores: an edit leaves the last-seen time as it is.
+        self._devices[device.device_id] = dataclasses.replace(device, last_seen_at=existing.last_seen_at)
         return device
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -222,6 +224,12 @@ class MemoryStore:
 
     async def delete_device(self, device_id: str) -> bool:
         return self._devices.pop(device_id, None) is not None
+
+    async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
+        for app_version, endpoint_token, at in seen:
+            device = await self.device_for(app_version, endpoint_token)
+            if device is not None and (device.last_seen_at is None or device.last_seen_at < at):
+                self._devices[device.device_id] = dataclasses.replace(device, last_seen_at=at)
 
 
 def _endpoint(target: Target) -> tuple[str, str]:

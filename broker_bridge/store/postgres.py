@@ -618,6 +618,20 @@ class PostgresStore:
         found = await self._rows("SELECT count(*) FROM devices")
         return int(found[0][0])
 
+    async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
+        if not seen:
+            return
+        latest: dict[tuple[str, str], datetime] = {}  # one row each: UPDATE ... FROM takes one match
+        for av, token, at in seen:
+            if (av, token) not in latest or latest[(av, token)] < at:
+                latest[(av, token)] = at
+        columns = ([k[0] for k in latest], [k[1] for k in latest], [rows.to_us(at) for at in latest.values()])
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(sql.MARK_SEEN_MANY, *columns)
+
+        await self._submit(op)
+
     async def delete_device(self, device_id: str) -> bool:
         async def op(conn: Conn) -> bool:
             return _count(await conn.execute(sql.DELETE_DEVICE, device_id)) == 1

@@ -87,6 +87,10 @@ MIGRATIONS: list[str] = [
         started_at TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     """,
+    """
+    -- When the device's last KP1 message came (microseconds; NULL: not since this column).
+    ALTER TABLE devices ADD COLUMN last_seen_at BIGINT;
+    """,
 ]
 
 CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS broker_bridge_schema (version INTEGER NOT NULL)"

@@ -186,10 +186,14 @@ UPDATE_DEVICE = numbered(
     + " AND NOT EXISTS (SELECT 1 FROM devices o WHERE o.app_version = ? AND o.endpoint_token = ? AND o.device_id <> ?)"
 )
 DEVICE_EXISTS = "SELECT 1 FROM devices WHERE device_id = $1"
-SELECT_DEVICE = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
-SELECT_DEVICE_FOR = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE app_version = $1 AND endpoint_token = $2"
-DEVICES = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
+SELECT_DEVICE = f"SELECT {rows.DEVICE_SELECT} FROM devices WHERE device_id = $1"
+SELECT_DEVICE_FOR = f"SELECT {rows.DEVICE_SELECT} FROM devices WHERE app_version = $1 AND endpoint_token = $2"
+DEVICES = f"SELECT {rows.DEVICE_SELECT} FROM devices ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
 DELETE_DEVICE = "DELETE FROM devices WHERE device_id = $1"
+MARK_SEEN_MANY = (
+    "UPDATE devices d SET last_seen_at = s.at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS s(av, token, at) "
+    "WHERE d.app_version = s.av AND d.endpoint_token = s.token AND (d.last_seen_at IS NULL OR d.last_seen_at < s.at)"
+)
 
 INSERT_SECRET = "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING value"
 SELECT_SECRET = "SELECT value FROM secrets WHERE name = $1"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from broker_bridge.devices import Device
@@ -49,7 +50,7 @@ class SqliteDevices:
         return await self._one_device("app_version = ? AND endpoint_token = ?", (app_version, endpoint_token))
 
     async def _one_device(self, where: str, params: tuple[Any, ...]) -> Device | None:
-        sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE {where}"
+        sql = f"SELECT {rows.DEVICE_SELECT} FROM devices WHERE {where}"
 
         def op(conn: Conn) -> Device | None:
             found = list(conn.execute(sql, params))
@@ -59,7 +60,7 @@ class SqliteDevices:
         return result
 
     async def devices(self, limit: int, offset: int) -> list[Device]:
-        sql = f"SELECT {rows.DEVICE_COLUMNS} FROM devices ORDER BY created_at, device_id LIMIT ? OFFSET ?"
+        sql = f"SELECT {rows.DEVICE_SELECT} FROM devices ORDER BY created_at, device_id LIMIT ? OFFSET ?"
 
         def op(conn: Conn) -> list[Device]:
             return [rows.to_device(r) for r in conn.execute(sql, (limit, offset))]
@@ -77,6 +78,15 @@ class SqliteDevices:
 
     async def delete_device(self, device_id: str) -> bool:
         return await self._delete("DELETE FROM devices WHERE device_id = ?", (device_id,)) == 1
+
+    async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
+        params = [(rows.to_us(at), av, token, rows.to_us(at)) for av, token, at in seen]
+
+        def op(conn: Conn) -> None:
+            conn.executemany(rows.MARK_SEEN, params)
+
+        if params:
+            await self._submit(op, writes=True)
 
 
 def _write_device(conn: Conn, sql: str, params: tuple[Any, ...], device: Device) -> int:

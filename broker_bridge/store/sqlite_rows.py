@@ -25,6 +25,12 @@ FIND_IDEMPOTENT = (
 )
 DEVICE_COLUMNS = "device_id, app_version, endpoint_token, labels, manifest, created_at, updated_at"
 INSERT_DEVICE = f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+DEVICE_SELECT = DEVICE_COLUMNS + ", last_seen_at"  # written only by MARK_SEEN, never by an edit
+# A time never goes back (several instances, or a flush that was retried, write in any order).
+MARK_SEEN = (
+    "UPDATE devices SET last_seen_at = ? WHERE app_version = ? AND endpoint_token = ? "
+    "AND (last_seen_at IS NULL OR last_seen_at < ?)"
+)
 UPDATE_DEVICE = (
     "UPDATE devices SET app_version = ?, endpoint_token = ?, labels = ?, manifest = ?, created_at = ?, "
     "updated_at = ? WHERE device_id = ?"
@@ -198,6 +204,7 @@ def to_device(row: Any) -> Device:
         manifest=None if row[4] is None else Manifest.model_validate_json(row[4]),
         created_at=from_us(row[5]),
         updated_at=from_us(row[6]),
+        last_seen_at=None if row[7] is None else from_us(row[7]),
     )
 
 

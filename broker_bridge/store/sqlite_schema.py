@@ -80,6 +80,10 @@ MIGRATIONS: list[str] = [
     -- /readyz writes here: proof that a commit goes through.
     CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at INTEGER NOT NULL);
     """,
+    """
+    -- When the device's last KP1 message came (microseconds; NULL: not since this column).
+    ALTER TABLE devices ADD COLUMN last_seen_at INTEGER;
+    """,
 ]
 
 
