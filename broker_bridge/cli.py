@@ -20,7 +20,7 @@ from broker_bridge.bridge import client_options
 from broker_bridge.commands import Command, CommandState, rfc3339, to_record
 from broker_bridge.config import Settings, load_settings
 from broker_bridge.device import DeviceSimulator, parse_answer
-from broker_bridge.errors import BridgeError, StartupError
+from broker_bridge.errors import BadRequest, BridgeError, StartupError
 from broker_bridge.outbox import Outbox, Publication
 from broker_bridge.protocol import decode
 from broker_bridge.service import CommandService
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("type")
     invoke.add_argument("--payload", default="null", help="command payload as JSON (default null)")
     invoke.add_argument("--ttl", type=float, help="seconds the command stays deliverable")
+    invoke.add_argument(
+        "--idempotency-key",
+        help="run at most once per key for this device: a retry with the same key gets the first command "
+        "(the same key with another type or payload is refused)",
+    )
     listing = sub.add_parser("list", help="list command history, newest first")
     listing.add_argument("--app-version")
     listing.add_argument("--token")
@@ -178,7 +183,12 @@ async def _flush(settings: Settings, outbox: Outbox) -> None:
 async def _invoke(args: argparse.Namespace, settings: Settings) -> int:
     target = make_target(args.app_version, args.token, args.type)
     payload = decode(args.payload.encode(), Codec.JSON)
-    command: Command = await _with_service(settings, lambda s: s.invoke(target, payload, args.ttl))
+    key = args.idempotency_key
+    if key is not None and not 1 <= len(key) <= 200:
+        raise BadRequest(f"--idempotency-key must be 1 to 200 characters, got {len(key)}")
+    command: Command = await _with_service(
+        settings, lambda s: s.invoke(target, payload, args.ttl, idempotency_key=key)
+    )
     _print_command(command, args.json)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -187,11 +188,12 @@ class CommandService:
             found = await self.store.find_idempotent(new.target, new.idempotency_key)
             if found is None:
                 raise
-            return found
+            return _same_request(found, new)
         if created.created:
             log.debug("command_invoked", id=created.command.id, target=_key(new.target))
             self._announce(created.command, added=True, delivery=created.delivery)
-        return created.command
+            return created.command
+        return _same_request(created.command, new)
 
     def _ttl(self, ttl_s: float | None) -> float:
         if ttl_s is None:
@@ -374,6 +376,24 @@ class CommandService:
 
 def _to_report(item: ResultItem, now: datetime) -> Report:
     return Report(status_code=item.status_code, reason_phrase=item.reason_phrase, payload=item.payload, received_at=now)
+
+
+def _same_request(first: Command, new: NewCommand) -> Command:
+    """A retry with an idempotency key gets the first command; a different command type or payload
+    under the same key is a mistake the caller must hear of (AWS IoT: a reused client token with
+    other parameters is a conflict), not silently the first command."""
+    same_payload = _canonical(first.payload) == _canonical(new.payload)
+    if first.target.command_type != new.target.command_type or not same_payload:
+        raise Conflict(
+            f"idempotency key {new.idempotency_key!r} was used for command {first.id} "
+            f"({first.target.command_type} with another payload or type); use a new key for a new command"
+        )
+    return first
+
+
+def _canonical(payload: Any) -> str:
+    """JSON with sorted keys: equal for equal documents (1 and true and 1.0 stay apart)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
 
 
 def _key(target: Target) -> str:

@@ -832,6 +832,26 @@ async def test_idempotency_key_header(api: Api) -> None:
     assert (await list_executions(api, show="ALL"))["total_count"] == 2
 
 
+async def test_a_used_idempotency_key_with_another_request_is_a_409_on_every_path(api: Api) -> None:
+    """The key names one request: its retry gets the first execution; another command or other
+    arguments under it are refused with 409 naming the key (HTTP and MQTT admin)."""
+    await register(api)
+    key = {"Idempotency-Key": "order-9"}
+    first = await create_execution(api, {"name": "reboot"}, headers=key)
+    assert await create_execution(api, {"name": "reboot"}, headers=key) == first
+    lux = {"name": "change_lux", "arguments": {"temp_kelvins": 3000}}
+    other = await api.client.post(f"/v3/devices/{DEVICE}/command_executions", json=lux, headers=key)
+    assert_error(other, 409)
+    assert "order-9" in other.json()["reasonPhrase"]
+    async with probe(api.mqtt_port) as admin:
+        reply = await admin.request(
+            api.admin_topic("invoke/change_lux/1"), {"payload": {"temp_kelvins": 4000}, "idempotencyKey": "order-9"}
+        )
+    assert reply.topic.endswith("/error")
+    assert reply.json()["statusCode"] == 409
+    assert (await list_executions(api, show="ALL"))["total_count"] == 1
+
+
 async def test_idempotency_key_over_mqtt_admin_invoke(api: Api) -> None:
     """An admin invoke with idempotencyKey twice (and the same key over HTTP) is one command."""
     await register(api)

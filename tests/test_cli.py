@@ -89,6 +89,25 @@ def test_invoke_honours_a_closed_registry(
     assert run(capsys, db, "devices", "list", "--json")[1].strip() == "[]"
 
 
+def test_invoke_with_an_idempotency_key_runs_once_and_refuses_another_request_under_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "k.db"
+    args = ("invoke", "myapp-v1", "lamp1", "reboot", "--payload", '{"delay": 1}', "--idempotency-key", "job-1")
+    code, out, _ = run(capsys, db, *args, "--json")
+    assert code == 0
+    first = json.loads(out)
+    code, out, _ = run(capsys, db, *args, "--json")  # a retry: the same command
+    assert (code, json.loads(out)["id"]) == (0, first["id"])
+    code, _, err = run(capsys, db, *args[:4], "--payload", '{"delay": 2}', "--idempotency-key", "job-1")
+    assert code == 1
+    assert "idempotency key 'job-1' was used for command" in err
+    code, _, err = run(capsys, db, *args[:4], "--idempotency-key", "")
+    assert code == 1
+    assert "--idempotency-key must be 1 to 200 characters" in err
+    assert len(json.loads(run(capsys, db, "list", "--json")[1])) == 1
+
+
 def test_cli_works_against_postgresql(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
     """invoke, list, show, cancel and devices on a PostgreSQL database, as on SQLite."""
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from broker_bridge.errors import BadRequest, LimitExceeded, Unprocessable
+from broker_bridge.errors import BadRequest, Conflict, LimitExceeded, Unprocessable
 from broker_bridge.service import CommandService, Limits
 from broker_bridge.store import CommandQuery
 from broker_bridge.store.memory import MemoryStore
@@ -53,9 +55,14 @@ async def test_manifest_checked_before_anything_is_stored() -> None:
 
 
 async def test_idempotency_key_returns_the_first_command() -> None:
-    """The same key twice gives the same command and stores one."""
+    """The same key and request twice gives the same command and stores one (key order in the
+    payload does not matter); the same key with another payload or type is a conflict."""
     service = CommandService(MemoryStore())
-    first = await service.invoke(REBOOT, 1, idempotency_key="abc")
-    again = await service.invoke(REBOOT, 2, idempotency_key="abc")
+    first = await service.invoke(REBOOT, {"a": 1, "b": [1, 2]}, idempotency_key="abc")
+    again = await service.invoke(REBOOT, {"b": [1, 2], "a": 1}, idempotency_key="abc")
     assert again == first
+    other_type = dataclasses.replace(REBOOT, command_type="zero")
+    for target, payload in ((REBOOT, {"a": 2, "b": [1, 2]}), (REBOOT, {"a": True, "b": [1, 2]}), (other_type, {})):
+        with pytest.raises(Conflict, match="idempotency key 'abc' was used for command"):
+            await service.invoke(target, payload, idempotency_key="abc")
     assert await service.store.count(CommandQuery()) == 1
