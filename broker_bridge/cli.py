@@ -101,6 +101,9 @@ def _devices_parser(devices: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", help="list registered devices")
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="only devices with this label (repeatable: all)"
+    )
     for name in ("show", "delete"):
         actions.add_parser(name, help=f"{name} one device").add_argument("id")
     for parser in actions.choices.values():
@@ -302,7 +305,7 @@ async def _devices(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "update":
             return await registry.update(args.id, **_device_changes(args))
         if args.action == "list":
-            return (await registry.page(args.limit, args.offset))[0]
+            return (await registry.page(args.limit, args.offset, _labels(args.label)))[0]
         if args.action == "delete":
             await registry.delete(args.id)
             return None

@@ -120,8 +120,10 @@ class Registry:
         self.forget(device)
         await self.store.delete_device(device_id)
 
-    async def page(self, limit: int, offset: int) -> tuple[list[Device], int]:
-        return await self.store.devices(limit, offset), await self.store.count_devices()
+    async def page(self, limit: int, offset: int, labels: dict[str, str] | None = None) -> tuple[list[Device], int]:
+        """A page of devices, oldest first, and how many there are; with ``labels``, only the
+        devices carrying all of them."""
+        return await self.store.devices(limit, offset, labels), await self.store.count_devices(labels)
 
 
 def _manifest(value: Manifest | dict[str, Any] | None) -> Manifest | None:

@@ -382,6 +382,27 @@ async def test_a_device_is_last_seen_at_its_last_kp1_message_over_http_or_mqtt(a
     assert [d["last_seen_at"] for d in listed if d["id"] == DEVICE] == [await seen_after(None)]
 
 
+async def test_devices_are_filtered_by_label(api: Api) -> None:
+    """?label=key:value, several: all must match; a malformed one is a 400 that says how."""
+    for token, labels in (("t1", {"site": "lab", "floor": "2"}), ("t2", {"site": "lab"}), ("t3", {"site": "hq"})):
+        await register(api, device_id=f"dev-{token}", token=token, manifest=None, labels=labels)
+
+    async def listed(*labels: str) -> tuple[list[str], int]:
+        body = (await api.client.get("/v3/devices", params=[("label", v) for v in labels])).json()
+        return [d["id"] for d in body["devices"]], body["total_count"]
+
+    assert await listed("site:lab") == (["dev-t1", "dev-t2"], 2)
+    assert await listed("site:lab", "floor:2") == (["dev-t1"], 1)
+    assert await listed("site:moon") == ([], 0)
+    assert (await listed())[1] == 3
+    for bad in ("site", ":lab"):
+        refused = await api.client.get("/v3/devices", params={"label": bad})
+        assert_error(refused, 400)
+        assert "key:value" in refused.json()["reasonPhrase"]
+    twice = await api.client.get("/v3/devices", params=[("label", "site:lab"), ("label", "site:hq")])
+    assert_error(twice, 400)
+
+
 async def test_create_device_without_id_generates_one(api: Api) -> None:
     """Without an id the device gets a generated one and no manifest."""
     device = await register(api, device_id=None, manifest=None)

@@ -75,6 +75,24 @@ def test_list_filters_and_show(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert (code, "KEY=VALUE" in err) == (2, True)
 
 
+def test_devices_list_filters_by_label_and_says_when_each_was_last_seen(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "l.db"
+    for token, label in (("t1", "site=lab"), ("t2", "site=hq")):
+        add = ("devices", "add", "--app-version", "a-v1", "--token", token, "--id", f"d-{token}", "--label", label)
+        assert run(capsys, db, *add)[0] == 0
+    code, out, _ = run(capsys, db, "devices", "list", "--label", "site=lab")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["d-t1"]
+    assert "last seen: not yet" in out
+    listed = json.loads(run(capsys, db, "devices", "list", "--json")[1])
+    assert [(d["id"], d["last_seen_at"]) for d in listed] == [("d-t1", None), ("d-t2", None)]
+    code, _, err = run(capsys, db, "devices", "list", "--label", "site")
+    assert code != 0
+    assert "KEY=VALUE" in err
+
+
 def test_invoke_honours_a_closed_registry(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -592,6 +592,26 @@ async def test_mark_seen_keeps_the_latest_time_and_survives_edits(store: Command
     assert await store.count_devices() == 2
 
 
+async def test_devices_filtered_by_labels_carry_all_of_them(store: CommandStore) -> None:
+    """Every label asked for must be on the device, with that value; keys may hold quotes and dots."""
+    odd = 'we"ird.key'
+    for n, labels in enumerate(({"site": "lab", "floor": "2"}, {"site": "lab"}, {"site": "hq", odd: "x"}, {})):
+        await store.add_device(dataclasses.replace(device(f"d{n}", f"dev{n}"), labels=labels))
+
+    async def ids(labels: dict[str, str] | None) -> tuple[list[str], int]:
+        found = [d.device_id for d in await store.devices(limit=10, offset=0, labels=labels)]
+        return found, await store.count_devices(labels)
+
+    assert await ids(None) == (["d0", "d1", "d2", "d3"], 4)
+    assert await ids({}) == (["d0", "d1", "d2", "d3"], 4)
+    assert await ids({"site": "lab"}) == (["d0", "d1"], 2)
+    assert await ids({"site": "lab", "floor": "2"}) == (["d0"], 1)
+    assert await ids({"site": "lab", "floor": "3"}) == ([], 0)
+    assert await ids({odd: "x"}) == (["d2"], 1)
+    assert await ids({"site": "LAB"}) == ([], 0)  # values match exactly
+    assert [d.device_id for d in await store.devices(limit=1, offset=1, labels={"site": "lab"})] == ["d1"]
+
+
 async def test_device_conflicts(store: CommandStore) -> None:
     """Duplicate ids and duplicate endpoints are refused; replacing an unknown device is not found."""
     await store.add_device(device())

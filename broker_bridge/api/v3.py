@@ -23,6 +23,19 @@ Expand = Annotated[str | None, Query(description="Comma-separated extras; suppor
 MAX_WAIT_S = 60.0
 
 
+def parse_label_filter(given: list[str]) -> dict[str, str]:
+    """``site:lab`` pairs (split at the first colon) as the labels every listed device must carry."""
+    labels: dict[str, str] = {}
+    for pair in given:
+        key, colon, value = pair.partition(":")
+        if not colon or not key or len(pair) > 512:
+            raise BadRequest(f"label: give key:value (for example site:lab), got {pair[:64]!r}")
+        if labels.get(key, value) != value:
+            raise BadRequest(f"label: {key!r} is asked for with two values; no device carries both")
+        labels[key] = value
+    return labels
+
+
 class ExecutionRequest(BaseModel):
     """What to execute: a manifest command name (or alias) and its arguments."""
 
@@ -84,8 +97,12 @@ async def list_devices(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    label: Annotated[
+        list[str] | None,
+        Query(max_length=20, description="key:value; several: the device carries all of them"),
+    ] = None,
 ) -> dict[str, Any]:
-    found, total = await _service(request).registry.page(limit, offset)
+    found, total = await _service(request).registry.page(limit, offset, parse_label_filter(label or []))
     return {"devices": [views.device(d) for d in found], "total_count": total}
 
 

@@ -9,7 +9,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -219,11 +219,11 @@ class CommandStore(Protocol):
 
     async def device_for(self, app_version: str, endpoint_token: str) -> Device | None: ...
 
-    async def devices(self, limit: int, offset: int) -> list[Device]:
-        """Registered devices, oldest first."""
+    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
+        """Registered devices, oldest first; with ``labels``, only those carrying every one of them."""
         ...
 
-    async def count_devices(self) -> int: ...
+    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int: ...
 
     async def delete_device(self, device_id: str) -> bool:
         """Unregister a device (its command history stays); False if there was none."""

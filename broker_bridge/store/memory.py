@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from broker_bridge import commands
@@ -215,12 +215,16 @@ class MemoryStore:
         wanted = (app_version, endpoint_token)
         return next((d for d in self._devices.values() if (d.app_version, d.endpoint_token) == wanted), None)
 
-    async def devices(self, limit: int, offset: int) -> list[Device]:
-        ordered = sorted(self._devices.values(), key=lambda d: (d.created_at, d.device_id))
+    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
+        ordered = sorted(self._labelled(labels), key=lambda d: (d.created_at, d.device_id))
         return ordered[offset : offset + limit]
 
-    async def count_devices(self) -> int:
-        return len(self._devices)
+    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
+        return len(self._labelled(labels))
+
+    def _labelled(self, labels: Mapping[str, str] | None) -> list[Device]:
+        wanted = (labels or {}).items()
+        return [d for d in self._devices.values() if all(d.labels.get(k) == v for k, v in wanted)]
 
     async def delete_device(self, device_id: str) -> bool:
         return self._devices.pop(device_id, None) is not None

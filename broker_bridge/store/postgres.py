@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Self
@@ -611,11 +611,14 @@ class PostgresStore:
         found = await self._rows(sql.SELECT_DEVICE_FOR, app_version, endpoint_token)
         return rows.to_device(found[0]) if found else None
 
-    async def devices(self, limit: int, offset: int) -> list[Device]:
-        return [rows.to_device(r) for r in await self._rows(sql.DEVICES, limit, offset)]
+    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
+        where, params = _labels_where(labels, first=3)
+        query = f"SELECT {rows.DEVICE_SELECT} FROM devices {where} ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
+        return [rows.to_device(r) for r in await self._rows(query, limit, offset, *params)]
 
-    async def count_devices(self) -> int:
-        found = await self._rows("SELECT count(*) FROM devices")
+    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
+        where, params = _labels_where(labels, first=1)
+        found = await self._rows(f"SELECT count(*) FROM devices {where}", *params)
         return int(found[0][0])
 
     async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
@@ -638,6 +641,14 @@ class PostgresStore:
 
         result: bool = await self._submit(op)
         return result
+
+
+def _labels_where(labels: Mapping[str, str] | None, first: int) -> tuple[str, list[str]]:
+    """Devices carrying every one of these labels; placeholders numbered from ``first``."""
+    if not labels:
+        return "", []
+    tests = [f"labels::jsonb ->> ${first + 2 * i} = ${first + 2 * i + 1}" for i in range(len(labels))]
+    return "WHERE " + " AND ".join(tests), [x for kv in labels.items() for x in kv]
 
 
 def _target_columns(targets: Sequence[Target]) -> tuple[list[str], list[str], list[str]]:

@@ -188,7 +188,6 @@ UPDATE_DEVICE = numbered(
 DEVICE_EXISTS = "SELECT 1 FROM devices WHERE device_id = $1"
 SELECT_DEVICE = f"SELECT {rows.DEVICE_SELECT} FROM devices WHERE device_id = $1"
 SELECT_DEVICE_FOR = f"SELECT {rows.DEVICE_SELECT} FROM devices WHERE app_version = $1 AND endpoint_token = $2"
-DEVICES = f"SELECT {rows.DEVICE_SELECT} FROM devices ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
 DELETE_DEVICE = "DELETE FROM devices WHERE device_id = $1"
 MARK_SEEN_MANY = (
     "UPDATE devices d SET last_seen_at = s.at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS s(av, token, at) "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -59,18 +59,21 @@ class SqliteDevices:
         result: Device | None = await self._submit(op, writes=False)
         return result
 
-    async def devices(self, limit: int, offset: int) -> list[Device]:
-        sql = f"SELECT {rows.DEVICE_SELECT} FROM devices ORDER BY created_at, device_id LIMIT ? OFFSET ?"
+    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
+        where, params = rows.labels_where(labels)
+        sql = f"SELECT {rows.DEVICE_SELECT} FROM devices {where} ORDER BY created_at, device_id LIMIT ? OFFSET ?"
 
         def op(conn: Conn) -> list[Device]:
-            return [rows.to_device(r) for r in conn.execute(sql, (limit, offset))]
+            return [rows.to_device(r) for r in conn.execute(sql, (*params, limit, offset))]
 
         result: list[Device] = await self._submit(op, writes=False)
         return result
 
-    async def count_devices(self) -> int:
+    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
+        where, params = rows.labels_where(labels)
+
         def op(conn: Conn) -> int:
-            found = list(conn.execute("SELECT count(*) FROM devices"))
+            found = list(conn.execute(f"SELECT count(*) FROM devices {where}", params))
             return int(found[0][0])
 
         result: int = await self._submit(op, writes=False)

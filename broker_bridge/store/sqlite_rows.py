@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -206,6 +207,15 @@ def to_device(row: Any) -> Device:
         updated_at=from_us(row[6]),
         last_seen_at=None if row[7] is None else from_us(row[7]),
     )
+
+
+def labels_where(labels: Mapping[str, str] | None) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause of a device listing that must carry every one of these labels (any key:
+    matched through json_each, not a JSON path that a key's own quotes or dots could break)."""
+    if not labels:
+        return "", ()
+    each = "EXISTS (SELECT 1 FROM json_each(devices.labels) WHERE key = ? AND value = ?)"
+    return "WHERE " + " AND ".join([each] * len(labels)), tuple(x for kv in labels.items() for x in kv)
 
 
 def where(query: CommandQuery) -> tuple[str, tuple[Any, ...]]:
