@@ -94,6 +94,9 @@ class Limits:
     max_outstanding_per_endpoint: int = 1000
 
 
+EXPIRY_GRACE_S = 2.0  # execute: how long a command past its wait may take to be seen expired
+
+
 class CommandService:
     """Command execution: the rules, with the store and the announcer plugged in."""
 
@@ -159,6 +162,34 @@ class CommandService:
             rerun_of=rerun_of,
         )
         return await self._create(new)
+
+    async def execute(
+        self,
+        target: Target,
+        payload: Any,
+        *,
+        wait_s: float,
+        ttl_s: float | None = None,
+        ephemeral: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Command:
+        """Invoke and wait up to ``wait_s`` for the final result (execute_command, Kaa's awaitTimeout).
+
+        Synchronous by nature: without ``ttl_s`` (and with a wait) the command is deliverable only
+        while the caller waits. One that did not finish in time expires (Enapter's TIMEOUT) before
+        the answer, and never fires later. With ``ttl_s`` it stays deliverable that long."""
+        bounded = ttl_s is None and wait_s > 0
+        command = await self.invoke(
+            target, payload, wait_s if bounded else ttl_s, ephemeral=ephemeral, idempotency_key=idempotency_key
+        )
+        if wait_s > 0:
+            command = await self.wait_final(command.id, wait_s)
+        if bounded and command.is_open:
+            await asyncio.sleep(max(0.0, (command.expires_at - self.clock()).total_seconds()))
+            await self.expire_due()
+            # Another instance may be the one sweeping now: its expiry wakes us (NOTIFY) or a re-read.
+            command = await self.wait_final(command.id, EXPIRY_GRACE_S)
+        return command
 
     async def rerun(self, command_id: int, ttl_s: float | None = None, *, target: Target | None = None) -> Command:
         """Invoke a command again: a new command with the same device, type and payload, and the

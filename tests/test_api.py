@@ -546,7 +546,8 @@ async def test_delete_device(api: Api) -> None:
 async def test_execute_command_by_alias_names_the_alias_and_the_manifest_name(api: Api) -> None:
     """An alias is kept as request.name, the manifest name as request.manifest_name, sent as the type."""
     await register(api)
-    body = {"name": "change_color_temperature", "arguments": {"temp_kelvins": 1850}}
+    # A ttl keeps it deliverable after the wait, for the poll below (without one it would time out).
+    body = {"name": "change_color_temperature", "arguments": {"temp_kelvins": 1850}, "ttl": 60}
     response = await api.client.post(f"/v3/devices/{DEVICE}/execute_command", params={"timeout": 0.2}, json=body)
     assert response.status_code == 200, response.text
     execution = response.json()["execution"]
@@ -710,18 +711,36 @@ async def test_execute_command_with_a_device_answering_over_mqtt(api: Api) -> No
     assert execution["log"] == [execution["response"]]
 
 
-async def test_execute_command_without_an_answer_returns_new(api: Api) -> None:
-    """With nobody answering within timeout, execute_command returns the execution in state NEW."""
+async def test_execute_command_without_an_answer_times_out_and_never_fires_later(api: Api) -> None:
+    """execute_command is synchronous: with nobody answering within timeout (and no ttl) the
+    execution is TIMEOUT when it returns, and a device that polls afterwards gets nothing."""
     await register(api)
     loop = asyncio.get_running_loop()
     started = loop.time()
     response = await api.client.post(
         f"/v3/devices/{DEVICE}/execute_command", params={"timeout": 0.2}, json={"name": "reboot"}
     )
-    assert 0.2 <= loop.time() - started < 3
+    assert loop.time() - started >= 0.2
     assert response.status_code == 200, response.text
-    assert response.json()["execution"]["state"] == "NEW"
-    assert "response" not in response.json()["execution"]
+    execution = response.json()["execution"]
+    assert execution["state"] == "TIMEOUT"
+    assert "response" not in execution
+    assert (await api.anon.post(api.kp1("command/reboot"), json={})).json() == []
+    late = await api.anon.post(api.kp1("result/reboot"), json=[{"id": int(execution["id"]), "statusCode": 200}])
+    assert_error(late, 409, "expired")  # refused; the record keeps TIMEOUT
+    assert (await get_execution(api, execution["id"]))["state"] == "TIMEOUT"
+
+
+async def test_execute_command_with_a_ttl_stays_deliverable_after_the_wait(api: Api) -> None:
+    """An explicit ttl is the caller's say: NEW when the wait ends, and delivered afterwards."""
+    await register(api)
+    response = await api.client.post(
+        f"/v3/devices/{DEVICE}/execute_command", params={"timeout": 0.2}, json={"name": "reboot", "ttl": 60}
+    )
+    execution = response.json()["execution"]
+    assert execution["state"] == "NEW"
+    polled = await api.anon.post(api.kp1("command/reboot"), json={})
+    assert [item["id"] for item in polled.json()] == [int(execution["id"])]
 
 
 async def test_execute_command_returns_timeout_when_the_command_expires_first(api: Api) -> None:
@@ -740,7 +759,8 @@ async def test_execute_command_returns_timeout_when_the_command_expires_first(ap
 async def test_execute_command_returns_in_progress_after_a_progress_report(api: Api) -> None:
     """A device that only reports 102 within the wait leaves the execution IN_PROGRESS."""
     await register(api)
-    request = api.client.post(f"/v3/devices/{DEVICE}/execute_command", params={"timeout": 1}, json={"name": "reboot"})
+    body = {"name": "reboot", "ttl": 60}  # without a ttl it would time out at the end of the wait
+    request = api.client.post(f"/v3/devices/{DEVICE}/execute_command", params={"timeout": 1}, json=body)
     response = await with_device(answer_over_http(api, "reboot", 102), request)
     execution = response.json()["execution"]
     assert (execution["state"], execution["response"]["state"]) == ("IN_PROGRESS", "IN_PROGRESS")
@@ -1100,11 +1120,15 @@ async def test_kaa_invoke_without_await_is_accepted_with_location(api: Api) -> N
     assert (fetched.status_code, fetched.json()) == (200, command)
 
 
-async def test_kaa_invoke_with_await_and_no_answer_is_accepted(api: Api) -> None:
-    """An awaitTimeout that runs out gives 202 and the pending command."""
+async def test_kaa_invoke_with_await_and_no_answer(api: Api) -> None:
+    """An awaitTimeout that runs out: without commandTtl the command expired with the wait (it never
+    fires later); with commandTtl it is 202 and still pending."""
     await register(api, manifest=None)
     response = await api.client.post(kaa("reboot"), params={"awaitTimeout": 0.2}, json={})
-    assert (response.status_code, response.json()["state"]) == (202, "Pending")
+    assert (response.status_code, response.json()["state"]) == (200, "Expired")
+    assert (await api.anon.post(api.kp1("command/reboot"), json={})).json() == []
+    kept = await api.client.post(kaa("reboot"), params={"awaitTimeout": 0.2, "commandTtl": 60_000}, json={})
+    assert (kept.status_code, kept.json()["state"]) == (202, "Pending")
 
 
 @pytest.mark.parametrize(

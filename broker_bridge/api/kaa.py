@@ -65,9 +65,8 @@ async def invoke(
     device = await service.registry.get(endpoint_id)
     ttl_s = None if ttl_ms is None else (ttl_ms / 1000 or PUSH_ONCE_TTL_S)
     target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=command_type)
-    command = await service.invoke(target, await _payload(request), ttl_s, idempotency_key=idempotency_key)
-    if await_s > 0:
-        command = await service.wait_final(command.id, await_s)
+    payload = await _payload(request)
+    command = await service.execute(target, payload, wait_s=await_s, ttl_s=ttl_s, idempotency_key=idempotency_key)
     body = views.kaa_command(command, endpoint_id)
     if command.is_open:
         return JSONResponse(body, status_code=202, headers={"Location": _location(endpoint_id, command)})

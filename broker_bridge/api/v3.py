@@ -147,8 +147,11 @@ async def execute_command(
 ) -> dict[str, Any]:
     with_log = _with_log(expand)
     service = _service(request)
-    command = await _execute(request, await service.registry.get(device_id), body, idempotency_key)
-    command = await service.wait_final(command.id, wait_s)
+    device = await service.registry.get(device_id)
+    target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=body.name)
+    command = await service.execute(
+        target, body.arguments, wait_s=wait_s, ttl_s=body.ttl, ephemeral=body.ephemeral, idempotency_key=idempotency_key
+    )
     return {"execution": views.execution(command, with_log=with_log)}
 
 
