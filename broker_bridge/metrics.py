@@ -3,10 +3,21 @@ reconnects and store commit batch sizes. One private registry per service instan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import platform
+from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
+from broker_bridge import __version__
 from broker_bridge.commands import Command, CommandState
 from broker_bridge.store import Delivery
 from broker_bridge.topics import Target
@@ -53,8 +64,28 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        # The standard process, GC and platform figures, as the default registry has them.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "broker_bridge_build_info",
+            "Always 1; the labels say which broker-bridge and Python run",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.mqtt_connected = Gauge(
+            "broker_bridge_mqtt_connected",
+            "1 while the bridge's MQTT session is up (in-process with the embedded broker), else 0",
+            registry=self.registry,
+        )
         self._types: set[str] = set()
         self._last_state: dict[int, CommandState] = {}
+
+    def watch_connection(self, connected: Callable[[], bool]) -> None:
+        """Read the bridge's connection state at every scrape."""
+        self.mqtt_connected.set_function(lambda: 1.0 if connected() else 0.0)
 
     def _type_label(self, command_type: str) -> str:
         if command_type in self._types or len(self._types) < MAX_TYPES:

@@ -27,7 +27,10 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 256  # publishes awaited together: enough to keep the connection's in-flight window full
 STORE_RETRY_S = 1.0  # after a database error, publishing waits this long before trying again
-LOCKED_RETRY_S = 0.005  # a target another instance is pushing is tried again after this long
+# A target another instance is pushing is tried again after this long. Not shorter: when that
+# instance dies mid-push, PostgreSQL frees its lock at once, while its last publish may still be on
+# the way to the broker; retried at 5 ms, a list read and published after it could land before it.
+LOCKED_RETRY_S = 0.05
 
 
 class TargetLocks(Protocol):

@@ -204,6 +204,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             local=local,
             share_group=settings.share_group if settings.shared else None,
         )
+        metrics.watch_connection(bridge.connected.is_set)
         app = create_app(
             service,
             api_keys=keys,

@@ -208,6 +208,22 @@ async def test_readyz_reports_store_and_broker(api: Api) -> None:
     assert response.json() == {"status": "ready", "store": "ok", "broker": "connected"}
 
 
+async def test_metrics_tell_the_build_the_connection_and_the_process(api: Api) -> None:
+    """build_info names the version, mqtt_connected follows the bridge's session, and the standard
+    process and GC collectors are there."""
+    import broker_bridge
+
+    text = (await api.anon.get("/metrics")).text
+    lines = text.splitlines()
+    assert any(
+        line.startswith("broker_bridge_build_info{") and f'version="{broker_bridge.__version__}"' in line
+        for line in lines
+    )
+    assert "broker_bridge_mqtt_connected 1.0" in lines
+    assert any(line.startswith("process_cpu_seconds_total ") for line in lines)
+    assert any(line.startswith("python_gc_collections_total{") for line in lines)
+
+
 async def test_metrics_count_command_transitions(api: Api) -> None:
     """/metrics is Prometheus text with the command transition counter after a command."""
     await register(api)
