@@ -4,7 +4,8 @@ reconnects and store commit batch sizes. One private registry per service instan
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,14 +14,43 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from broker_bridge import __version__
 from broker_bridge.commands import Command, CommandState
 from broker_bridge.store import Delivery
+from broker_bridge.store.base import OpenSummary
 from broker_bridge.topics import Target
+
+
+class _StoreCollector(Collector):
+    """Gauges of the shared store, as last read (the service refreshes them every few seconds)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        open_commands = GaugeMetricFamily(
+            "broker_bridge_commands_open",
+            "Open commands in the store (all instances and the CLI), by state and command type",
+            labels=["state", "command_type"],
+        )
+        oldest = GaugeMetricFamily(
+            "broker_bridge_oldest_pending_age_seconds", "Age of the oldest pending command in the store (0: none)"
+        )
+        if self.metrics._summary is not None:
+            summary, read_at = self.metrics._summary
+            for (state, command_type), count in sorted(summary.counts.items()):
+                open_commands.add_metric([state, self.metrics._type_label(command_type)], count)
+            age = 0.0 if summary.oldest_pending is None else (read_at - summary.oldest_pending).total_seconds()
+            oldest.add_metric([], max(0.0, age))
+        yield open_commands
+        yield oldest
+
 
 MAX_TYPES = 200  # command types get their own label up to this many; the rest count as "other"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
@@ -82,6 +112,12 @@ class Metrics:
         )
         self._types: set[str] = set()
         self._last_state: dict[int, CommandState] = {}
+        self._summary: tuple[OpenSummary, datetime] | None = None
+        self.registry.register(_StoreCollector(self))
+
+    def show_store(self, summary: OpenSummary, now: datetime) -> None:
+        """The latest figures read from the shared store (every instance's and the CLI's commands)."""
+        self._summary = (summary, now)
 
     def watch_connection(self, connected: Callable[[], bool]) -> None:
         """Read the bridge's connection state at every scrape."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ log = structlog.get_logger(__name__)
 RETENTION_SWEEP_S = 60.0
 SWEEP_BATCH = 1000
 SEEN_FLUSH_S = 1.0  # devices' last-seen times are written this often (one write for all of them)
+STORE_GAUGES_S = 5.0  # the metrics' store figures (open commands, oldest pending) are read this often
 # SQLite's cost per expired row falls with the batch size (measured: 100k rows in 3.1 s by 1000,
 # 0.9 s by 10000 and more), so the expiry sweep takes big bites.
 EXPIRE_BATCH = 10_000
@@ -222,6 +224,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             _spawn(tasks, _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), "expiry-sweeper")
             _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
             _spawn(tasks, _sweep(service.flush_seen, SEEN_FLUSH_S, batch=2**62), "last-seen")  # never "full"
+            _spawn(tasks, _sweep(partial(_read_store_gauges, service, metrics), STORE_GAUGES_S, 2**62), "gauges")
             if parts.postgres is not None:
                 _spawn(tasks, parts.postgres.listen(), "postgres-listen")
                 _spawn(tasks, _adopt_orphans(parts.postgres, parts.outbox, service), "orphan-events")
@@ -283,6 +286,12 @@ async def _sweep(step: Callable[[int], Awaitable[int]], interval_s: float, batch
             done = 0
         if done < batch:
             await asyncio.sleep(interval_s)
+
+
+async def _read_store_gauges(service: CommandService, metrics: Metrics, _limit: int) -> int:
+    """One cheap query (open commands only, through their partial index) for every instance's view."""
+    metrics.show_store(await service.store.open_summary(), service.clock())
+    return 0
 
 
 async def _final_seen_flush(service: CommandService) -> None:

@@ -224,6 +224,33 @@ async def test_metrics_tell_the_build_the_connection_and_the_process(api: Api) -
     assert any(line.startswith("python_gc_collections_total{") for line in lines)
 
 
+async def test_metrics_show_the_stores_open_commands_whoever_created_them(
+    tmp_path: Path, app_version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commands invoked by the CLI (another process, the same database) are in the gauges too, with
+    the age of the oldest pending one; the per-process counters only see this process's."""
+    from broker_bridge import runtime
+    from broker_bridge.cli import main
+
+    monkeypatch.setattr(runtime, "STORE_GAUGES_S", 0.2)
+    async with serve(tmp_path, app_version) as api:
+        cli = ["invoke", app_version, TOKEN, "reboot", "--db", str(api.settings.db_path)]
+        cli += ["--mqtt-listen", f"127.0.0.1:{api.mqtt_port}"]
+        assert await asyncio.to_thread(main, cli) == 0
+        (device,) = (await api.client.get("/v3/devices")).json()["devices"]  # registered by the CLI's invoke
+        await api.client.post(f"/v3/devices/{device['id']}/command_executions", json={"name": "reboot"})
+        wanted = 'broker_bridge_commands_open{command_type="reboot",state="pending"} 2.0'
+        for _ in range(100):
+            text = (await api.anon.get("/metrics")).text
+            if wanted in text.splitlines():
+                break
+            await asyncio.sleep(0.1)
+        lines = text.splitlines()
+        assert wanted in lines
+        age = next(line for line in lines if line.startswith("broker_bridge_oldest_pending_age_seconds "))
+        assert float(age.split()[1]) > 0
+
+
 async def test_metrics_count_command_transitions(api: Api) -> None:
     """/metrics is Prometheus text with the command transition counter after a command."""
     await register(api)

@@ -284,6 +284,21 @@ async def test_mark_retained_many_is_mark_retained_for_each_in_order(store: Comm
     await store.mark_retained_many([])
 
 
+async def test_open_summary_counts_open_commands_by_state_and_type(store: CommandStore) -> None:
+    """What the metrics show of the whole store: open commands by state and type, the oldest pending."""
+    assert (await store.open_summary()).counts == {}
+    assert (await store.open_summary()).oldest_pending is None
+    first = await store.create(new(REBOOT, at=T0))
+    await store.create(new(REBOOT, at=T0 + timedelta(seconds=1)))
+    started = await store.create(new(OTHER_TYPE, at=T0 - timedelta(seconds=5)))
+    await store.report(OTHER_TYPE, [(started.id, report(102))])
+    done = await store.create(new(OTHER_DEVICE, at=T0 - timedelta(seconds=9)))
+    await store.cancel(done.id, T0)
+    summary = await store.open_summary()
+    assert summary.counts == {("pending", "reboot"): 2, ("in_progress", "zero"): 1}
+    assert summary.oldest_pending == first.created_at
+
+
 async def test_open_targets_and_retained_marks(store: CommandStore) -> None:
     """Open targets are listed per endpoint; retained marks are remembered."""
     await store.create(new(REBOOT))

@@ -98,6 +98,14 @@ class Created:
     delivery: Delivery | None  # None when nothing was created, or none was asked for
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenSummary:
+    """The open commands of the whole store (every instance's, the CLI's), for the metrics."""
+
+    counts: dict[tuple[str, str], int]  # (state, command type): how many
+    oldest_pending: datetime | None  # created_at of the oldest pending command
+
+
 class CommandStore(Protocol):
     """Durable command history. All times are timezone-aware UTC."""
 
@@ -227,6 +235,10 @@ class CommandStore(Protocol):
 
     async def delete_device(self, device_id: str) -> bool:
         """Unregister a device (its command history stays); False if there was none."""
+        ...
+
+    async def open_summary(self) -> OpenSummary:
+        """How many commands are open, by state and type, and when the oldest pending one was made."""
         ...
 
     async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from broker_bridge import commands
-from broker_bridge.commands import Command, NewCommand, Report
+from broker_bridge.commands import Command, CommandState, NewCommand, Report
 from broker_bridge.devices import Device
 from broker_bridge.errors import Conflict, DeviceNotFound
 from broker_bridge.store.base import (
@@ -15,6 +15,7 @@ from broker_bridge.store.base import (
     CommandQuery,
     Created,
     Delivery,
+    OpenSummary,
     Polled,
     ReportOutcome,
     check_cancel,
@@ -228,6 +229,15 @@ class MemoryStore:
 
     async def delete_device(self, device_id: str) -> bool:
         return self._devices.pop(device_id, None) is not None
+
+    async def open_summary(self) -> OpenSummary:
+        counts: dict[tuple[str, str], int] = {}
+        for c in self._commands.values():
+            if c.is_open:
+                key = (c.state.value, c.target.command_type)
+                counts[key] = counts.get(key, 0) + 1
+        pending = [c.created_at for c in self._commands.values() if c.state is CommandState.PENDING]
+        return OpenSummary(counts=counts, oldest_pending=min(pending) if pending else None)
 
     async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
         for app_version, endpoint_token, at in seen:

@@ -47,6 +47,7 @@ from broker_bridge.store.base import (
     CommandQuery,
     Created,
     Delivery,
+    OpenSummary,
     Polled,
     ReportOutcome,
     check_cancel,
@@ -447,6 +448,9 @@ class PostgresStore:
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         result: Delivery = await self._read(lambda conn: _delivery(conn, target, now))
         return result
+
+    async def open_summary(self) -> OpenSummary:
+        return rows.to_summary(await self._rows(rows.OPEN_SUMMARY))
 
     async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
         if not targets:

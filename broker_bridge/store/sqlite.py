@@ -40,6 +40,7 @@ from broker_bridge.store.base import (
     CommandQuery,
     Created,
     Delivery,
+    OpenSummary,
     Polled,
     ReportOutcome,
     check_cancel,
@@ -260,6 +261,12 @@ class SqliteStore(SqliteDevices):
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
         result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now), writes=False)
+        return result
+
+    async def open_summary(self) -> OpenSummary:
+        result: OpenSummary = await self._submit(
+            lambda conn: rows.to_summary(list(conn.execute(rows.OPEN_SUMMARY))), writes=False
+        )
         return result
 
     async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from broker_bridge.commands import Command, CommandState, NewCommand, Report
 from broker_bridge.devices import Device, Manifest
-from broker_bridge.store.base import CommandQuery
+from broker_bridge.store.base import CommandQuery, OpenSummary
 from broker_bridge.topics import Format, Target
 
 COLUMNS = (
@@ -74,6 +74,11 @@ MARK_RETAINED_IF_OBSERVED = (
     "INSERT INTO observers (app_version, endpoint_token, command_type, retained, retained_format) "
     "VALUES (?, ?, ?, 1, '') ON CONFLICT (app_version, endpoint_token, command_type) DO UPDATE "
     "SET retained = 1, retained_format = observers.format WHERE observers.observe = 1 AND observers.retained = 0"
+)
+# The open commands by state and type (read through the commands_open partial index).
+OPEN_SUMMARY = (
+    "SELECT state, command_type, count(*), min(created_at) FROM commands "
+    "WHERE state IN ('pending', 'in_progress') GROUP BY state, command_type"
 )
 # Cleared only while the target has no open command (an invoke committed since the list was found
 # empty has marked it again, in its own transaction, and its push may be retained by now) or while
@@ -216,6 +221,12 @@ def labels_where(labels: Mapping[str, str] | None) -> tuple[str, tuple[Any, ...]
         return "", ()
     each = "EXISTS (SELECT 1 FROM json_each(devices.labels) WHERE key = ? AND value = ?)"
     return "WHERE " + " AND ".join([each] * len(labels)), tuple(x for kv in labels.items() for x in kv)
+
+
+def to_summary(found: Any) -> OpenSummary:
+    counts = {(str(r[0]), str(r[1])): int(r[2]) for r in found}
+    pending = [int(r[3]) for r in found if r[0] == CommandState.PENDING.value]
+    return OpenSummary(counts=counts, oldest_pending=from_us(min(pending)) if pending else None)
 
 
 def where(query: CommandQuery) -> tuple[str, tuple[Any, ...]]:
