@@ -230,14 +230,15 @@ async def test_metrics_show_the_stores_open_commands_whoever_created_them(
     """Commands invoked by the CLI (another process, the same database) are in the gauges too, with
     the age of the oldest pending one; the per-process counters only see this process's."""
     from broker_bridge import runtime
-    from broker_bridge.cli import main
+    from broker_bridge.topics import Target
 
     monkeypatch.setattr(runtime, "STORE_GAUGES_S", 0.2)
     async with serve(tmp_path, app_version) as api:
-        cli = ["invoke", app_version, TOKEN, "reboot", "--db", str(api.settings.db_path)]
-        cli += ["--mqtt-listen", f"127.0.0.1:{api.mqtt_port}"]
-        assert await asyncio.to_thread(main, cli) == 0
-        (device,) = (await api.client.get("/v3/devices")).json()["devices"]  # registered by the CLI's invoke
+        # As the CLI does it (its composition root, its own store on the same file); not cli.main,
+        # which would configure this test process's logging for the tests after it.
+        async with runtime.build_service(api.settings, serving=False) as cli:
+            await cli.service.invoke(Target(app_version=app_version, endpoint_token=TOKEN, command_type="reboot"), None)
+        (device,) = (await api.client.get("/v3/devices")).json()["devices"]  # registered by that invoke
         await api.client.post(f"/v3/devices/{device['id']}/command_executions", json={"name": "reboot"})
         wanted = 'broker_bridge_commands_open{command_type="reboot",state="pending"} 2.0'
         for _ in range(100):
