@@ -97,7 +97,6 @@ class BufferedReads:
         self._draining = False
         self._writes = drop_replies
         self._tail = bytearray()  # with drop_replies: the start of a packet not yet complete
-        self.dropped = 0  # replies dropped, for tests
         self._on_dropped = on_dropped
         paho._sock_recv = self.recv  # type: ignore[method-assign]
         paho.loop_read = self.loop_read  # type: ignore[method-assign]
@@ -133,7 +132,6 @@ class BufferedReads:
                 writes.send(b"".join(b"\x40\x02" + packet_id for packet_id in split.acks))  # PUBACK, success
                 self._paho._call_socket_register_write()
             if split.dropped:
-                self.dropped += split.dropped
                 self._on_dropped(split.dropped)
             if split.kept:
                 return split.kept

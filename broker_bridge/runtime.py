@@ -223,8 +223,8 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             _spawn(tasks, http_server.serve(app, http_socket), "http")
             _spawn(tasks, _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), "expiry-sweeper")
             _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
-            _spawn(tasks, _sweep(service.flush_seen, SEEN_FLUSH_S, batch=2**62), "last-seen")  # never "full"
-            _spawn(tasks, _sweep(partial(_read_store_gauges, service, metrics), STORE_GAUGES_S, 2**62), "gauges")
+            _spawn(tasks, _every(service.flush_seen, SEEN_FLUSH_S), "last-seen")
+            _spawn(tasks, _every(partial(_read_store_gauges, service, metrics), STORE_GAUGES_S), "store-gauges")
             if parts.postgres is not None:
                 _spawn(tasks, parts.postgres.listen(), "postgres-listen")
                 _spawn(tasks, _adopt_orphans(parts.postgres, parts.outbox, service), "orphan-events")
@@ -288,10 +288,19 @@ async def _sweep(step: Callable[[int], Awaitable[int]], interval_s: float, batch
             await asyncio.sleep(interval_s)
 
 
-async def _read_store_gauges(service: CommandService, metrics: Metrics, _limit: int) -> int:
+async def _every(step: Callable[[], Awaitable[object]], interval_s: float) -> None:
+    """Run a periodic store task once per interval until cancelled (a sweep without batches)."""
+    while True:
+        try:
+            await step()
+        except StoreUnavailable as exc:
+            log.error("sweep_failed", reason=exc.reason, retry_in_s=interval_s)
+        await asyncio.sleep(interval_s)
+
+
+async def _read_store_gauges(service: CommandService, metrics: Metrics) -> None:
     """One cheap query (open commands only, through their partial index) for every instance's view."""
     metrics.show_store(await service.store.open_summary(), service.clock())
-    return 0
 
 
 async def _final_seen_flush(service: CommandService) -> None:

@@ -300,7 +300,7 @@ class CommandService:
     def _saw(self, target: Target) -> None:
         self._seen[(target.app_version, target.endpoint_token)] = self.clock()
 
-    async def flush_seen(self, _limit: int = 0) -> int:
+    async def flush_seen(self) -> int:
         """Write when devices were last heard from, all gathered since the last flush in one write
         (a write per message would double the store's work); returns how many. On a store error
         they stay gathered (a later sighting of the same device wins) for the next flush."""

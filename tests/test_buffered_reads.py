@@ -138,7 +138,7 @@ def test_the_bridges_own_replies_are_acknowledged_and_never_reach_paho(replies: 
         "kp1/a/cex/t/result/reboot/status/x",
         "kp1/a/cex/t/result/statusx",
     ]
-    assert (replies.buffered.dropped, replies.counted) == (3, [3])
+    assert replies.counted == [3]
     replies.paho.loop_write()
     sent = replies.broker.recv(100)
     # PUBACKs of ids 7 and 258 (ours), then paho's own for id 9 (auto-ack here; manual in the bridge)
@@ -152,11 +152,11 @@ def test_a_reply_cut_across_reads_is_dropped_once_whole(replies: Rig) -> None:
     assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
     replies.broker.sendall(reply[3:10])
     assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
-    assert (replies.received, replies.buffered.dropped) == ([], 0)
+    assert (replies.received, sum(replies.counted)) == ([], 0)
     replies.broker.sendall(reply[10:] + after)
     assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
     assert replies.received == [("t/after", b"z")]
-    assert replies.buffered.dropped == 1
+    assert sum(replies.counted) == 1
     assert replies.writes.buffered == 4  # its PUBACK, until the next writable event
 
 
@@ -166,4 +166,4 @@ def test_with_the_write_side_backed_up_replies_go_to_paho_as_before(replies: Rig
     replies.broker.sendall(publish_packet("kp1/a/cex/t/command/reboot/status", b"[]"))
     assert replies.paho.loop_read() == mqtt.MQTT_ERR_SUCCESS
     assert replies.received == [("kp1/a/cex/t/command/reboot/status", b"[]")]
-    assert replies.buffered.dropped == 0
+    assert sum(replies.counted) == 0

@@ -127,10 +127,13 @@ async def delete_device(request: Request, device_id: DeviceId) -> Response:
 
 
 # -- command executions ------------------------------------------------------------------------
+def _target(device: Device, body: ExecutionRequest) -> Target:
+    return Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=body.name)
+
+
 async def _execute(request: Request, device: Device, body: ExecutionRequest, key: str | None) -> Command:
-    target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=body.name)
     return await _service(request).invoke(
-        target, body.arguments, body.ttl, ephemeral=body.ephemeral, idempotency_key=key
+        _target(device, body), body.arguments, body.ttl, ephemeral=body.ephemeral, idempotency_key=key
     )
 
 
@@ -147,8 +150,7 @@ async def execute_command(
 ) -> dict[str, Any]:
     with_log = _with_log(expand)
     service = _service(request)
-    device = await service.registry.get(device_id)
-    target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=body.name)
+    target = _target(await service.registry.get(device_id), body)
     command = await service.execute(
         target, body.arguments, wait_s=wait_s, ttl_s=body.ttl, ephemeral=body.ephemeral, idempotency_key=idempotency_key
     )

@@ -275,7 +275,8 @@ class PostgresStore:
                 self._locked = {command.id: command for command in map(rows.to_command, found)}
             # Reports and cancels first, their rows written together (one UPDATE for all, not one
             # each); then the rest in order, which see those writes. Every operation of a batch was
-            # waiting at once, so any order among them is one they could have run in.
+            # waiting at once, so any order among them is one they could have run in. So nothing
+            # that changes rows behind ``_locked`` (expiry, purges) runs before a decision on them.
             order = sorted(range(len(batch)), key=lambda index: not batch[index].decides_on)
             done: dict[int, tuple[Any, BridgeError | None]] = {}
             for index in order:
@@ -349,7 +350,7 @@ class PostgresStore:
             command = commands.create(new, command_id)
             if not with_delivery:  # marked by SUBMIT_MARKING if asked
                 return Created(command=command, created=True, delivery=None)
-            delivery = await _delivery(conn, target, new.created_at)
+            (delivery,) = await _deliveries(conn, [target], new.created_at)
             if mark_retained and delivery.observe and not delivery.retained:
                 await conn.execute(sql.MARK_RETAINED, *rows.target_params(target), delivery.format.value)
                 delivery = dataclasses.replace(delivery, retained_format=delivery.format)
@@ -446,8 +447,8 @@ class PostgresStore:
         return result
 
     async def delivery(self, target: Target, now: datetime) -> Delivery:
-        result: Delivery = await self._read(lambda conn: _delivery(conn, target, now))
-        return result
+        (found,) = await self.deliveries([target], now)
+        return found
 
     async def open_summary(self) -> OpenSummary:
         return rows.to_summary(await self._rows(rows.OPEN_SUMMARY))
@@ -455,11 +456,8 @@ class PostgresStore:
     async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
         if not targets:
             return []
-        found = await self._rows(sql.DELIVERIES, *_target_columns(targets), rows.to_us(now))
-        grouped: list[list[Any]] = [[] for _ in targets]
-        for row in found:
-            grouped[row[0] - 1].append(row[1:])
-        return [_to_delivery(target, group) for target, group in zip(targets, grouped, strict=True)]
+        found: list[Delivery] = await self._read(lambda conn: _deliveries(conn, targets, now))
+        return found
 
     async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
         await self.mark_retained_many([(target, retained, fmt)])
@@ -505,7 +503,6 @@ class PostgresStore:
                 return []
             found = await conn.fetch(sql.EXPIRE_DUE, rows.to_us(now), limit * EXPIRE_WINDOW, limit, self.instance)
             self._finished.extend(r[0] for r in found)
-            self._locked.clear()  # rows this batch locked may have expired just now: read them again
             return [(r[0], rows.to_target(r[1:])) for r in sorted(found)]
 
         result: list[tuple[int, Target]] = await self._submit(op)
@@ -525,7 +522,6 @@ class PostgresStore:
         async def op(conn: Conn) -> int:
             if not await conn.fetchval(sql.TRY_XACT_LOCK, RETENTION_LOCK):
                 return 0
-            self._locked.clear()  # a row this batch locked may be gone
             return _count(await conn.execute(query, *args))
 
         result: int = await self._submit(op)
@@ -710,12 +706,17 @@ async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | 
     return bool(observe), Format(fmt), None if retained_fmt is None else Format(retained_fmt)
 
 
-async def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
-    return _to_delivery(target, await conn.fetch(sql.DELIVERY, *rows.target_params(target), rows.to_us(now)))
+async def _deliveries(conn: Conn, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+    """Each target's delivery, in the order given, in one statement (DELIVERIES)."""
+    found = await conn.fetch(sql.DELIVERIES, *_target_columns(targets), rows.to_us(now))
+    grouped: list[list[Any]] = [[] for _ in targets]
+    for row in found:
+        grouped[row[0] - 1].append(row[1:])
+    return [_to_delivery(target, group) for target, group in zip(targets, grouped, strict=True)]
 
 
 def _to_delivery(target: Target, found: Sequence[Any]) -> Delivery:
-    """DELIVERY's rows: the observer's columns on each, then a command (NULLs: none)."""
+    """One target's DELIVERIES rows: the observer's columns on each, then a command (NULLs: none)."""
     observe, fmt, retained_fmt = found[0][0:3]
     outstanding = tuple(rows.to_command(r[3:]) for r in found if r[3] is not None)
     return Delivery(
