@@ -60,6 +60,9 @@ class Delivered:
     qos: int
     mid: int = 0
     release: Callable[[], None] | None = None
+    # Who published it: the MQTT username the embedded broker logged it in as, or on an external
+    # broker the MQTT 5 user property ``invoked-by`` the publisher declared (None: not known).
+    sender: str | None = None
 
 
 class Link(Protocol):
@@ -151,7 +154,7 @@ class MqttLink:
     async def messages(self) -> AsyncIterator[Delivered]:
         async for message in self.client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
-            yield Delivered(message.topic.value, payload, message.qos, message.mid)
+            yield Delivered(message.topic.value, payload, message.qos, message.mid, sender=_declared_sender(message))
 
     def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
         return send(self.client, topic, payload, qos=qos, retain=retain)
@@ -259,7 +262,8 @@ class Bridge:
             self.on_received("ignored")
 
     async def _serve(self, link: Link) -> None:
-        await link.subscribe(self.scheme.bridge_filters())
+        # The embedded broker knows its sessions; an external one is told by the devices themselves.
+        await link.subscribe(self.scheme.bridge_filters(presence=self.local is None))
         if self.local is None:
             log.info(
                 "mqtt_connected",
@@ -311,7 +315,7 @@ class Bridge:
     async def _handle(self, link: Link, message: Delivered) -> None:
         topic = message.topic
         try:
-            await self._dispatch(link, topic, message.payload, message.qos)
+            await self._dispatch(link, topic, message.payload, message.qos, message.sender)
         except TopicError as exc:
             log.info("request_refused", topic=topic, reason=exc.reason)
             if exc.reply_topic is not None:
@@ -322,15 +326,26 @@ class Bridge:
             log.exception("message_handler_failed", topic=topic)
         link.ack(message)
 
-    async def _dispatch(self, link: Link, topic: str, payload: bytes, qos: int) -> None:
-        if (device := self.scheme.parse_device(topic)) is not None:
+    async def _dispatch(self, link: Link, topic: str, payload: bytes, qos: int, sender: str | None = None) -> None:
+        if self.local is None and (endpoint := self.scheme.parse_presence(topic)) is not None:
+            self.on_received("device")
+            self._presence(topic, endpoint, payload)
+        elif (device := self.scheme.parse_device(topic)) is not None:
             self.on_received("device")
             await self._device(link, device, payload, qos)
         elif (admin := self.scheme.parse_admin(topic)) is not None:
             self.on_received("admin")
-            await self._admin(link, admin, payload, qos)
+            await self._admin(link, admin, payload, qos, f"mqtt:{sender}" if sender else "mqtt")
         else:
             self.on_received("ignored")  # replies (our own, without MQTT 5 no-local) and foreign topics
+
+    def _presence(self, topic: str, endpoint: tuple[str, str], payload: bytes) -> None:
+        try:
+            connected = protocol.parse_presence(payload)
+        except BridgeError as exc:  # a Last Will has nobody to answer: said in the log only
+            self._log_refusal(topic, exc)
+            return
+        self.service.presence(*endpoint, connected)
 
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload_bytes:
@@ -360,18 +375,18 @@ class Bridge:
             topic = status_topic(req.topic) if reply["statusCode"] == 200 else error_topic(req.topic)
             await self._reply(link, topic, reply, req.format.codec, qos)
 
-    async def _admin(self, link: Link, req: AdminRequest, payload: bytes, qos: int) -> None:
+    async def _admin(self, link: Link, req: AdminRequest, payload: bytes, qos: int, invoked_by: str) -> None:
         try:
             self._check_size(payload)
             if req.action is AdminAction.INVOKE:
                 body = protocol.parse_invoke(payload)
                 command = await self.service.invoke(
-                    req.target, body.payload, body.ttl, idempotency_key=body.idempotency_key
+                    req.target, body.payload, body.ttl, idempotency_key=body.idempotency_key, invoked_by=invoked_by
                 )
             elif req.action is AdminAction.RERUN:
                 assert req.command_id is not None
                 rerun = protocol.parse_rerun(payload)
-                command = await self.service.rerun(req.command_id, rerun.ttl, target=req.target)
+                command = await self.service.rerun(req.command_id, rerun.ttl, target=req.target, invoked_by=invoked_by)
             else:
                 assert req.command_id is not None
                 command = await self.service.cancel(req.command_id, req.target)
@@ -451,3 +466,17 @@ class _Ack:
             del self.pending[self.mid]
         if not self.future.done():
             self.future.set_exception(aiomqtt.MqttError("Operation timed out"))
+
+
+INVOKED_BY_PROPERTY = "invoked-by"  # MQTT 5 user property: who an admin publish is from (declared)
+_MAX_SENDER = 64
+
+
+def _declared_sender(message: aiomqtt.Message) -> str | None:
+    """The ``invoked-by`` user property of an MQTT 5 message, if it carries a usable one. Declared by
+    the publisher: as trustworthy as whoever the broker's ACL lets publish to the admin topics."""
+    found = getattr(message.properties, "UserProperty", None) if message.properties is not None else None
+    for name, value in found or ():
+        if name == INVOKED_BY_PROPERTY and 0 < len(value) <= _MAX_SENDER and value.isprintable():
+            return str(value)
+    return None

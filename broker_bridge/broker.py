@@ -44,6 +44,7 @@ from broker_bridge.errors import StartupError
 from broker_bridge.routing import Subscriptions
 
 EndpointSeen = Callable[[str, str], Awaitable[None]]  # (app_version, endpoint_token)
+Presence = Callable[[str, str, bool], None]  # (app_version, endpoint_token, connected)
 _Endpoint = tuple[str, str]
 
 _log = logging.getLogger(__name__)
@@ -75,12 +76,14 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         # Typed Any because dacite, which amqtt uses to build this, cannot check a callable.
         on_endpoint_seen: Any
         access: Any = None  # AccessControl, or None when anyone may read anything
+        on_presence: Any = None  # Presence, or None: nobody wants to know
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._settings: _Kp1DeliveryPlugin.Config = context.config
         self._links: dict[str, _Link] = {}
         self._by_endpoint: dict[_Endpoint, set[str]] = {}  # endpoint -> client ids whose link delivers it
+        self._present: dict[_Endpoint, set[str]] = {}  # endpoint -> client ids of live links that spoke for it
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -113,6 +116,7 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         self._closing = True
         self._links.clear()
         self._by_endpoint.clear()
+        self._present.clear()  # the store is told at the next start (EmbeddedBroker.presence_reset)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,6 +147,10 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
             self._by_endpoint.setdefault(endpoint, set()).add(client_id)
         if endpoint not in link.announced:
             link.announced.add(endpoint)
+            present = self._present.setdefault(endpoint, set())
+            present.add(client_id)
+            if len(present) == 1:
+                self._presence(endpoint, True)
             self._spawn(self._notify(endpoint))
 
     def _forget(self, client_id: str) -> None:
@@ -152,6 +160,22 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
             delivered_to.discard(client_id)
             if not delivered_to:
                 del self._by_endpoint[endpoint]
+        for endpoint in link.announced if link is not None else ():
+            present = self._present.get(endpoint, set())
+            present.discard(client_id)
+            if not present:
+                self._present.pop(endpoint, None)
+                self._presence(endpoint, False)
+
+    def _presence(self, endpoint: _Endpoint, connected: bool) -> None:
+        """The first live connection to speak for an endpoint came, or the last one went."""
+        on_presence: Presence | None = self._settings.on_presence
+        if on_presence is None or self._closing:
+            return
+        try:
+            on_presence(*endpoint, connected)
+        except Exception:  # the broker must not fail a client for it
+            _log.exception("on_presence failed for %s/%s", *endpoint)
 
     def _connection(self, client_id: str) -> tuple[Any, Any] | None:
         # amqtt 0.12.1 internal: BrokerContext lists sessions but not their protocol handlers, and only
@@ -219,7 +243,7 @@ class _Sink(AckHolder):
         self.inbox: asyncio.Queue[Delivered | None] = asyncio.Queue()
         self.closed = False
 
-    def take(self, topic: str, data: bytes, qos: int, ack: DeferredAck | None) -> None:
+    def take(self, topic: str, data: bytes, qos: int, ack: DeferredAck | None, sender: str | None = None) -> None:
         # Called in routing order, so the inbox keeps the order the broker routed messages in (per
         # publisher: the order they were sent). Replies are what the bridge itself publishes (MQTT 5
         # "no local", as on external brokers); they are not the bridge's to hold.
@@ -233,10 +257,10 @@ class _Sink(AckHolder):
                 ack.hold()
             return
         if ack is None:
-            self.inbox.put_nowait(Delivered(topic, data, qos))
+            self.inbox.put_nowait(Delivered(topic, data, qos, sender=sender))
             return
         ack.hold()
-        self.inbox.put_nowait(Delivered(topic, data, qos, release=ack.release))
+        self.inbox.put_nowait(Delivered(topic, data, qos, release=ack.release, sender=sender))
 
     async def mqtt_publish(
         self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool, ack_timeout: Any = None
@@ -382,6 +406,7 @@ class EmbeddedBroker:
         port: int,
         bridge_client_id: str,
         on_endpoint_seen: EndpointSeen,
+        on_presence: Presence | None = None,
         kp1_prefix: str = "kp1",
         extension: str = "cex",
         bridge_password: str = "",
@@ -402,6 +427,7 @@ class EmbeddedBroker:
             "kp1_prefix": kp1_prefix,
             "extension": extension,
             "on_endpoint_seen": on_endpoint_seen,
+            "on_presence": on_presence,
         }
         self._access: AccessControl | None = None
         self._broker: GuardedBroker | None = None

@@ -57,7 +57,8 @@ class AckHolder:
     """A subscriber that takes each message at once, with the publisher's pending PUBACK, which it
     holds until it has handled the message (the bridge's in-process session)."""
 
-    def take(self, topic: str, data: bytes, qos: int, ack: DeferredAck | None) -> None:
+    def take(self, topic: str, data: bytes, qos: int, ack: DeferredAck | None, sender: str | None = None) -> None:
+        """``sender``: the publisher's username, if it logged in with one."""
         raise NotImplementedError
 
 

@@ -604,6 +604,8 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         # amqtt's _run_broadcast, with the matching filters looked up in the index instead of testing every
         # filter (O(subscriptions) per message: 9% of the embedded service's CPU with 100 devices).
         topic = broadcast["topic"]
+        publisher = principal_of(broadcast.get("session"))
+        sender = publisher.username if publisher is not None else None
         for topic_filter in self._subscriptions.matching(topic):
             for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = broadcast.get("qos", sub_qos)
@@ -618,7 +620,7 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
                     continue
                 handler = self._get_handler(target_session)
                 if isinstance(handler, AckHolder):
-                    handler.take(topic, bytes(broadcast["data"]), qos, ack)  # at once: keeps routing order
+                    handler.take(topic, bytes(broadcast["data"]), qos, ack, sender)  # at once: keeps routing order
                 elif handler:
                     send = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
                     running_tasks.append(asyncio.ensure_future(send))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -104,6 +106,9 @@ def _devices_parser(devices: argparse.ArgumentParser) -> None:
     listing.add_argument(
         "--label", action="append", metavar="KEY=VALUE", help="only devices with this label (repeatable: all)"
     )
+    presence = listing.add_mutually_exclusive_group()
+    presence.add_argument("--connected", action="store_true", help="only devices known to be connected")
+    presence.add_argument("--disconnected", action="store_true", help="only devices known not to be connected")
     for name in ("show", "delete"):
         actions.add_parser(name, help=f"{name} one device").add_argument("id")
     for parser in actions.choices.values():
@@ -183,6 +188,14 @@ async def _flush(settings: Settings, outbox: Outbox) -> None:
         )
 
 
+def _cli_user() -> str:
+    """``cli:`` and the operating-system user running the CLI (its uid where it has no name)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no LOGNAME/USER and no passwd entry (some containers)
+        return f"cli:uid-{os.getuid()}"
+
+
 async def _invoke(args: argparse.Namespace, settings: Settings) -> int:
     target = make_target(args.app_version, args.token, args.type)
     payload = decode(args.payload.encode(), Codec.JSON)
@@ -190,9 +203,15 @@ async def _invoke(args: argparse.Namespace, settings: Settings) -> int:
     if key is not None and not 1 <= len(key) <= 200:
         raise BadRequest(f"--idempotency-key must be 1 to 200 characters, got {len(key)}")
     command: Command = await _with_service(
-        settings, lambda s: s.invoke(target, payload, args.ttl, idempotency_key=key)
+        settings, lambda s: s.invoke(target, payload, args.ttl, idempotency_key=key, invoked_by=_cli_user())
     )
     _print_command(command, args.json)
+    if not command.device_seen:
+        print(
+            f"broker-bridge: warning: endpoint {args.token!r} of {args.app_version!r} has never been heard from; "
+            "check the token (the command waits for that endpoint until it expires)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -203,7 +222,7 @@ async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rerun(args: argparse.Namespace, settings: Settings) -> int:
-    command: Command = await _with_service(settings, lambda s: s.rerun(args.id, args.ttl))
+    command: Command = await _with_service(settings, lambda s: s.rerun(args.id, args.ttl, invoked_by=_cli_user()))
     _print_command(command, args.json)
     return 0
 
@@ -305,7 +324,8 @@ async def _devices(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "update":
             return await registry.update(args.id, **_device_changes(args))
         if args.action == "list":
-            return (await registry.page(args.limit, args.offset, _labels(args.label)))[0]
+            connected = True if args.connected else False if args.disconnected else None
+            return (await registry.page(args.limit, args.offset, _labels(args.label), connected))[0]
         if args.action == "delete":
             await registry.delete(args.id)
             return None
@@ -341,7 +361,11 @@ def _print_devices(result: Any, as_json: bool) -> None:
         commands = ", ".join(sorted((r["manifest"] or {}).get("commands", {}))) or "(any command)"
         labels = ",".join(f"{k}={v}" for k, v in r["labels"].items())
         seen = r["last_seen_at"] or "not yet"
-        print(f"{r['id']}  {r['app_version']}/{r['endpoint_token']}  {labels}  commands: {commands}  last seen: {seen}")
+        presence = {True: "connected", False: "disconnected", None: "presence unknown"}[r["connected"]]
+        print(
+            f"{r['id']}  {r['app_version']}/{r['endpoint_token']}  {labels}  commands: {commands}  "
+            f"last seen: {seen}  {presence}"
+        )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {

@@ -65,6 +65,8 @@ class NewCommand:
     ephemeral: bool = False  # hidden from default listings, deleted a day after creation
     idempotency_key: str | None = None  # a second invoke with this key returns this command
     rerun_of: int | None = None  # the command this one re-runs (same device, type and payload)
+    invoked_by: str | None = None  # who asked: an API key's name, an MQTT username, ``cli:<user>``
+    device_seen: bool = True  # False: its endpoint had never sent a KP1 message (a mistyped token?)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +88,12 @@ class Command:
     ephemeral: bool = False
     idempotency_key: str | None = None
     rerun_of: int | None = None
+    invoked_by: str | None = None
+    device_seen: bool = True
+    # First handed to the device (pushed to its live session, returned by a poll); None: not known.
+    sent_at: datetime | None = None
+    # Proof the device has it: its PUBACK of a push (embedded broker), an HTTP poll's response, a report.
+    delivered_at: datetime | None = None
 
     @property
     def is_open(self) -> bool:
@@ -112,6 +120,8 @@ def create(new: NewCommand, command_id: int) -> Command:
         ephemeral=new.ephemeral,
         idempotency_key=new.idempotency_key,
         rerun_of=new.rerun_of,
+        invoked_by=new.invoked_by,
+        device_seen=new.device_seen,
     )
 
 
@@ -126,13 +136,20 @@ def apply_report(command: Command, report: Report) -> Command:
     if command.is_due(report.received_at):
         raise CommandFinished(f"command {command.id} expired at {rfc3339(command.expires_at)}")
     log = (*command.log, report)
+    # A report proves the device had the command; it was handed to it by then at the latest.
+    delivered = command.delivered_at or report.received_at
+    sent = command.sent_at or delivered
     if not report.is_final:
-        return _move(command, CommandState.IN_PROGRESS, report.received_at, log=log)
+        return _move(
+            command, CommandState.IN_PROGRESS, report.received_at, log=log, sent_at=sent, delivered_at=delivered
+        )
     return _move(
         command,
         CommandState.EXECUTED,
         report.received_at,
         log=log,
+        sent_at=sent,
+        delivered_at=delivered,
         status_code=report.status_code,
         reason_phrase=report.reason_phrase,
         result_payload=report.payload,
@@ -141,7 +158,14 @@ def apply_report(command: Command, report: Report) -> Command:
 
 def log_late_report(command: Command, report: Report) -> Command:
     """An expired command keeps a report that came too late, without changing state."""
-    return dataclasses.replace(command, log=(*command.log, report), updated_at=report.received_at)
+    delivered = command.delivered_at or report.received_at
+    return dataclasses.replace(
+        command,
+        log=(*command.log, report),
+        updated_at=report.received_at,
+        sent_at=command.sent_at or delivered,
+        delivered_at=delivered,
+    )
 
 
 def expire(command: Command, now: datetime) -> Command:
@@ -186,6 +210,10 @@ def to_record(command: Command) -> dict[str, Any]:
         "updatedAt": rfc3339(command.updated_at),
         "expiresAt": rfc3339(command.expires_at),
         "rerunOf": command.rerun_of,
+        "invokedBy": command.invoked_by,
+        "deviceSeen": command.device_seen,
+        "sentAt": None if command.sent_at is None else rfc3339(command.sent_at),
+        "deliveredAt": None if command.delivered_at is None else rfc3339(command.delivered_at),
         "log": [report_record(r) for r in command.log],
     }
 

@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from broker_bridge.errors import StartupError
+from broker_bridge.keys import names
 from broker_bridge.registry import RegistryMode
 from broker_bridge.service import DAY_S, Limits
 from broker_bridge.topics import TopicScheme
@@ -34,6 +35,14 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+
+
+class NamedKey(BaseModel):
+    """An API key with the name commands it creates record as ``invokedBy``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\s]+$")
+    key: str = Field(min_length=1)
 
 
 class TopicSettings(BaseModel):
@@ -59,7 +68,7 @@ class Settings(BaseSettings):
     mqtt_listen: str = "127.0.0.1:1883"
     http_listen: str = "127.0.0.1:8080"
     broker_url: str | None = None
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str | NamedKey] = Field(default_factory=list)  # a plain string is named key-<fingerprint>
     mqtt_password_file: Path | None = None
     mqtt_acl_file: Path | None = None
     allow_anonymous: bool = False  # embedded broker: listen beyond loopback without a password file
@@ -167,6 +176,16 @@ class Settings(BaseSettings):
         """Where a generated API key is kept: next to the SQLite file (with PostgreSQL it is kept in
         the database, shared by every instance)."""
         return self.db_path.with_name(self.db_path.name + ".api-key")
+
+    @property
+    def keys(self) -> list[str]:
+        """The configured API keys, without their names."""
+        return [k if isinstance(k, str) else k.key for k in self.api_keys]
+
+    @property
+    def key_names(self) -> dict[str, str]:
+        """The names given to keys, by ``keys.fingerprint``."""
+        return names((k.name, k.key) for k in self.api_keys if isinstance(k, NamedKey))
 
     def limits(self) -> Limits:
         return Limits(

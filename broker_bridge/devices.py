@@ -87,6 +87,20 @@ class Device:
     created_at: datetime
     updated_at: datetime
     last_seen_at: datetime | None = None  # its last KP1 message (MQTT or HTTP), to about a second
+    # Presence, where the broker tells it (embedded broker sessions, a presence topic): None unknown.
+    connected: bool | None = None
+    connected_at: datetime | None = None
+    disconnected_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """An endpoint's device connected or disconnected, as the broker (or its presence topic) told."""
+
+    app_version: str
+    endpoint_token: str
+    connected: bool
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

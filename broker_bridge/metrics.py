@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from broker_bridge import __version__
 from broker_bridge.commands import Command, CommandState
+from broker_bridge.devices import PresenceChange
 from broker_bridge.store import Delivery
 from broker_bridge.store.base import OpenSummary
 from broker_bridge.topics import Target
@@ -42,14 +43,20 @@ class _StoreCollector(Collector):
         oldest = GaugeMetricFamily(
             "broker_bridge_oldest_pending_age_seconds", "Age of the oldest pending command in the store (0: none)"
         )
+        connected = GaugeMetricFamily(
+            "broker_bridge_devices_connected",
+            "Registered devices the broker reports connected (embedded broker sessions, presence topics)",
+        )
         if self.metrics._summary is not None:
             summary, read_at = self.metrics._summary
+            connected.add_metric([], self.metrics._connected)
             for (state, command_type), count in sorted(summary.counts.items()):
                 open_commands.add_metric([state, self.metrics._type_label(command_type)], count)
             age = 0.0 if summary.oldest_pending is None else (read_at - summary.oldest_pending).total_seconds()
             oldest.add_metric([], max(0.0, age))
         yield open_commands
         yield oldest
+        yield connected
 
 
 MAX_TYPES = 200  # command types get their own label up to this many; the rest count as "other"
@@ -113,11 +120,13 @@ class Metrics:
         self._types: set[str] = set()
         self._last_state: dict[int, CommandState] = {}
         self._summary: tuple[OpenSummary, datetime] | None = None
+        self._connected = 0
         self.registry.register(_StoreCollector(self))
 
-    def show_store(self, summary: OpenSummary, now: datetime) -> None:
+    def show_store(self, summary: OpenSummary, now: datetime, connected: int = 0) -> None:
         """The latest figures read from the shared store (every instance's and the CLI's commands)."""
         self._summary = (summary, now)
+        self._connected = connected
 
     def watch_connection(self, connected: Callable[[], bool]) -> None:
         """Read the bridge's connection state at every scrape."""
@@ -147,6 +156,9 @@ class Metrics:
         for command_id, target in expired:
             self._last_state.pop(command_id, None)
             self.transitions.labels(CommandState.EXPIRED.value, self._type_label(target.command_type)).inc()
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        pass  # connected devices are counted in the store (show_store), for every instance's view
 
     def count_received(self, kind: str) -> None:
         self.received.labels(kind).inc()

@@ -16,7 +16,8 @@ from typing import Protocol
 
 import structlog
 
-from broker_bridge.commands import Command, delivery_item, to_record
+from broker_bridge.commands import Command, delivery_item, rfc3339, to_record
+from broker_bridge.devices import PresenceChange
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.protocol import encode
 from broker_bridge.service import CommandService
@@ -67,6 +68,7 @@ class Outbox:
         self.retain = retain
         self.locks = locks
         self._events: deque[Command] = deque()
+        self._notices: deque[Publication] = deque()  # presence events: published once, never stored
         self._expired: deque[int] = deque()  # ids whose records are fetched for their events
         self._dirty: dict[Target, None] = {}  # targets to push (their lists are read when pushed), in order
         self._wake = asyncio.Event()  # events to publish
@@ -87,6 +89,17 @@ class Outbox:
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         self._expired.extend(command_id for command_id, _ in expired)
+        self._wake.set()
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        topic = self.scheme.presence_event_topic(change.app_version, change.endpoint_token)
+        body = {
+            "appVersion": change.app_version,
+            "endpointToken": change.endpoint_token,
+            "connected": change.connected,
+            "at": rfc3339(change.at),
+        }
+        self._notices.append(Publication(topic=topic, payload=encode(body, Codec.JSON)))
         self._wake.set()
 
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
@@ -163,7 +176,7 @@ class Outbox:
     @property
     def pending(self) -> int:
         recovering = 0 if self._recover_after is None else 1  # at least one more page may be waiting
-        queued = len(self._events) + len(self._dirty) + len(self._expired) + len(self._marks)
+        queued = len(self._events) + len(self._dirty) + len(self._expired) + len(self._marks) + len(self._notices)
         return queued + len(self._clearing) + recovering
 
     # -- publishing ---------------------------------------------------------------------------
@@ -177,7 +190,7 @@ class Outbox:
         self._live = publish
         # Work left by a previous connection (its loops were cancelled after clearing their wake-ups).
         for wake, pending in (
-            (self._wake, self._events or self._expired),
+            (self._wake, self._events or self._expired or self._notices),
             (self._wake_pushes, self._dirty),
             (self._wake_marks, self._marks),
         ):
@@ -204,6 +217,7 @@ class Outbox:
                 wake.set()
 
     async def _flush_all_events(self, publish: Publish) -> None:
+        await self._flush_notices(publish)
         while self._events or self._expired or self._recover_after is not None:
             if len(self._events) < CHUNK:
                 await self._load_recovered()
@@ -218,6 +232,15 @@ class Outbox:
             await self._flush_all_events(publish)
             await self._flush_marks(publish)
             await asyncio.gather(*self._clearing, return_exceptions=True)  # a failed one pushes again
+
+    async def _flush_notices(self, publish: Publish) -> None:
+        while self._notices:
+            chunk = [self._notices.popleft() for _ in range(min(CHUNK, len(self._notices)))]
+            try:
+                await asyncio.gather(*(publish(p) for p in chunk))
+            except BaseException:
+                self._notices.extendleft(reversed(chunk))
+                raise
 
     async def _load_expired(self) -> None:
         """Turn expired ids into records, a page at a time (the sweep did not decode them)."""

@@ -236,6 +236,14 @@ def parse_rerun(data: bytes) -> RerunBody:
         raise BadRequest(_reason(exc)) from None
 
 
+def parse_presence(data: bytes) -> bool:
+    """A device's presence message (its birth message or Last Will): whether it is connected."""
+    value = decode(data, Codec.JSON) if data else None
+    if isinstance(value, dict) and len(value) == 1 and isinstance(connected := value.get("connected"), bool):
+        return connected
+    raise BadRequest('presence body must be {"connected": true} or {"connected": false}')
+
+
 def error_body(status_code: int, reason: str) -> dict[str, Any]:
     """The KP1 error body."""
     return {"statusCode": status_code, "reasonPhrase": reason}

@@ -120,10 +120,13 @@ class Registry:
         self.forget(device)
         await self.store.delete_device(device_id)
 
-    async def page(self, limit: int, offset: int, labels: dict[str, str] | None = None) -> tuple[list[Device], int]:
+    async def page(
+        self, limit: int, offset: int, labels: dict[str, str] | None = None, connected: bool | None = None
+    ) -> tuple[list[Device], int]:
         """A page of devices, oldest first, and how many there are; with ``labels``, only the
-        devices carrying all of them."""
-        return await self.store.devices(limit, offset, labels), await self.store.count_devices(labels)
+        devices carrying all of them; with ``connected``, only those known (not) to be connected."""
+        found = await self.store.devices(limit, offset, labels, connected)
+        return found, await self.store.count_devices(labels, connected)
 
 
 def _manifest(value: Manifest | dict[str, Any] | None) -> Manifest | None:

@@ -39,7 +39,9 @@ log = structlog.get_logger(__name__)
 
 RETENTION_SWEEP_S = 60.0
 SWEEP_BATCH = 1000
-SEEN_FLUSH_S = 1.0  # devices' last-seen times are written this often (one write for all of them)
+# Devices' last-seen times, and commands' sent and delivered times, are written this often (one
+# write for all of them).
+SEEN_FLUSH_S = 1.0
 STORE_GAUGES_S = 5.0  # the metrics' store figures (open commands, oldest pending) are read this often
 # SQLite's cost per expired row falls with the batch size (measured: 100k rows in 3.1 s by 1000,
 # 0.9 s by 10000 and more), so the expiry sweep takes big bites.
@@ -176,6 +178,9 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         address = settings.broker_address()
         local: InProcessLink | None = None
         if settings.embedded:
+            # Our broker has no sessions yet (and none after it stops): nobody is connected.
+            await _disconnect_all(service)
+            stack.push_async_callback(_disconnect_all, service)
             # The bridge's session is in-process (no login); no connection may use its client id.
             embedded = await stack.enter_async_context(
                 EmbeddedBroker(
@@ -183,6 +188,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
                     port=address.port,
                     bridge_client_id=settings.bridge_client_id,
                     on_endpoint_seen=service.endpoint_seen,
+                    on_presence=service.presence,
                     kp1_prefix=scheme.kp1_prefix,
                     extension=scheme.extension,
                     password_file=settings.mqtt_password_file,
@@ -210,6 +216,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
         app = create_app(
             service,
             api_keys=keys,
+            key_names=settings.key_names,
             scheme=scheme,
             max_payload_bytes=settings.max_payload_bytes,
             metrics=metrics,
@@ -224,6 +231,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             _spawn(tasks, _sweep(service.expire_due, settings.sweep_interval_s, EXPIRE_BATCH), "expiry-sweeper")
             _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
             _spawn(tasks, _every(service.flush_seen, SEEN_FLUSH_S), "last-seen")
+            _spawn(tasks, _every(service.flush_delivery, SEEN_FLUSH_S), "delivery-times")
             _spawn(tasks, _every(partial(_read_store_gauges, service, metrics), STORE_GAUGES_S), "store-gauges")
             if parts.postgres is not None:
                 _spawn(tasks, parts.postgres.listen(), "postgres-listen")
@@ -249,7 +257,7 @@ async def _api_keys(settings: Settings, postgres: PostgresStore | None) -> list[
     """The configured keys; without any, one generated once: in the database with PostgreSQL, so
     every instance takes the same key; next to the SQLite file otherwise."""
     if settings.api_keys or postgres is None:
-        return http_server.api_keys(settings.api_keys, settings.api_key_file)
+        return http_server.api_keys(settings.keys, settings.api_key_file)
     key, made = await postgres.shared_secret("api_key", lambda: secrets.token_urlsafe(32))
     if made:
         read_it_with = f'psql "$DB_URL" -tAc "{API_KEY_QUERY}"'
@@ -299,13 +307,25 @@ async def _every(step: Callable[[], Awaitable[object]], interval_s: float) -> No
 
 
 async def _read_store_gauges(service: CommandService, metrics: Metrics) -> None:
-    """One cheap query (open commands only, through their partial index) for every instance's view."""
-    metrics.show_store(await service.store.open_summary(), service.clock())
+    """Cheap queries (open commands only, through their partial index; a count of the devices) for
+    every instance's view."""
+    summary = await service.store.open_summary()
+    metrics.show_store(summary, service.clock(), await service.store.count_devices(connected=True))
+
+
+async def _disconnect_all(service: CommandService) -> None:
+    """The embedded broker's devices are all disconnected (it is starting, or it stopped)."""
+    try:
+        await service.flush_presence()
+        if found := await service.store.disconnect_all(service.clock()):
+            log.info("presence_reset", devices=found)
+    except StoreUnavailable as exc:
+        log.warning("presence_not_reset", reason=exc.reason)
 
 
 async def _final_seen_flush(service: CommandService) -> None:
     try:
-        await service.flush_seen()
+        await asyncio.gather(service.flush_seen(), service.flush_delivery())
     except StoreUnavailable as exc:
         log.warning("last_seen_not_written", reason=exc.reason)
 

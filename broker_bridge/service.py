@@ -18,7 +18,7 @@ import structlog
 
 from broker_bridge import commands
 from broker_bridge.commands import Command, NewCommand, Report
-from broker_bridge.devices import Device, resolve
+from broker_bridge.devices import Device, PresenceChange, resolve
 from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, StoreUnavailable
 from broker_bridge.protocol import ResultItem, check_document
 from broker_bridge.registry import Registry, RegistryMode
@@ -51,6 +51,9 @@ class Announcer(Protocol):
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         """These commands expired; their records are fetched when their events are published."""
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        """An endpoint connected or disconnected (committed for a registered device)."""
+
 
 class NullAnnouncer:
     """Announces nothing: for a CLI without a broker and for tests of the service alone."""
@@ -62,6 +65,9 @@ class NullAnnouncer:
         pass
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
+        pass
+
+    def presence_changed(self, change: PresenceChange) -> None:
         pass
 
 
@@ -83,6 +89,10 @@ class Announcers:
         for member in self.members:
             member.commands_expired(expired)
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        for member in self.members:
+            member.presence_changed(change)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
@@ -94,6 +104,7 @@ class Limits:
     max_outstanding_per_endpoint: int = 1000
 
 
+PRESENCE_RETRY_S = 1.0  # a presence write the store refused is tried again after this long
 EXPIRY_GRACE_S = 2.0  # execute: how long a command past its wait may take to be seen expired
 
 
@@ -127,6 +138,10 @@ class CommandService:
         self._waiters: dict[int, set[asyncio.Future[Command]]] = {}
         self._lookups: set[asyncio.Task[None]] = set()  # reads for waiters woken by another instance
         self._seen: dict[tuple[str, str], datetime] = {}  # endpoints heard from since the last flush
+        self._sent: dict[int, datetime] = {}  # commands handed to their devices since the last flush
+        self._delivered: dict[int, datetime] = {}  # commands their devices proved they received
+        self._presence: list[PresenceChange] = []  # connections and disconnections not written yet
+        self._presence_writer: asyncio.Task[None] | None = None
 
     # -- operator side ------------------------------------------------------------------------
     async def invoke(
@@ -138,12 +153,14 @@ class CommandService:
         ephemeral: bool = False,
         idempotency_key: str | None = None,
         rerun_of: int | None = None,
+        invoked_by: str | None = None,
     ) -> Command:
         """Create a pending command and push it to the device.
 
         ``target.command_type`` may be a manifest alias; the payload is checked against the device's
         manifest. With an idempotency key already used by this endpoint, the existing command is
-        returned and nothing new is created.
+        returned and nothing new is created. ``invoked_by``: who asks (recorded as ``invokedBy``).
+        The command records whether its endpoint had ever been heard from (``deviceSeen``).
         """
         ttl = self._ttl(ttl_s)
         check_document(payload)  # HTTP bodies and CLI arguments were not decoded by our codecs
@@ -160,8 +177,21 @@ class CommandService:
             ephemeral=ephemeral,
             idempotency_key=idempotency_key,
             rerun_of=rerun_of,
+            invoked_by=invoked_by,
+            device_seen=await self._was_seen(device),
         )
-        return await self._create(new)
+        command = await self._create(new)
+        if not command.device_seen:
+            log.info("invoked_for_unseen_endpoint", id=command.id, target=_key(real))
+        return command
+
+    async def _was_seen(self, device: Device) -> bool:
+        """Whether the device's endpoint ever sent a KP1 message (registered, it may never have)."""
+        endpoint = (device.app_version, device.endpoint_token)
+        if device.last_seen_at is not None or device.connected or endpoint in self._seen:
+            return True
+        fresh = await self.store.device_for(*endpoint)  # the registry's copy may predate its first message
+        return fresh is not None and (fresh.last_seen_at is not None or bool(fresh.connected))
 
     async def execute(
         self,
@@ -172,6 +202,7 @@ class CommandService:
         ttl_s: float | None = None,
         ephemeral: bool = False,
         idempotency_key: str | None = None,
+        invoked_by: str | None = None,
     ) -> Command:
         """Invoke and wait up to ``wait_s`` for the final result (execute_command, Kaa's awaitTimeout).
 
@@ -180,7 +211,12 @@ class CommandService:
         the answer, and never fires later. With ``ttl_s`` it stays deliverable that long."""
         bounded = ttl_s is None and wait_s > 0
         command = await self.invoke(
-            target, payload, wait_s if bounded else ttl_s, ephemeral=ephemeral, idempotency_key=idempotency_key
+            target,
+            payload,
+            wait_s if bounded else ttl_s,
+            ephemeral=ephemeral,
+            idempotency_key=idempotency_key,
+            invoked_by=invoked_by,
         )
         if wait_s > 0:
             command = await self.wait_final(command.id, wait_s)
@@ -191,7 +227,14 @@ class CommandService:
             command = await self.wait_final(command.id, EXPIRY_GRACE_S)
         return command
 
-    async def rerun(self, command_id: int, ttl_s: float | None = None, *, target: Target | None = None) -> Command:
+    async def rerun(
+        self,
+        command_id: int,
+        ttl_s: float | None = None,
+        *,
+        target: Target | None = None,
+        invoked_by: str | None = None,
+    ) -> Command:
         """Invoke a command again: a new command with the same device, type and payload, and the
         original's TTL unless ``ttl_s`` is given; it records ``rerun_of``, the original is left as it
         is. The device's manifest is checked as for any invoke. ``target``: the original must be
@@ -203,7 +246,7 @@ class CommandService:
             ttl_s = min((original.expires_at - original.created_at).total_seconds(), self.limits.max_ttl_s)
         # By the name the operator used (a manifest alias), so the re-run records it too.
         asked = dataclasses.replace(original.target, command_type=original.request_name or original.target.command_type)
-        command = await self.invoke(asked, original.payload, ttl_s, rerun_of=original.id)
+        command = await self.invoke(asked, original.payload, ttl_s, rerun_of=original.id, invoked_by=invoked_by)
         log.info("command_rerun", id=command.id, rerun_of=original.id)
         return command
 
@@ -314,6 +357,57 @@ class CommandService:
                 self._seen[key] = max(at, self._seen.get(key, at))
             raise
         return len(seen)
+
+    def handed(self, command_ids: Sequence[int], *, received: bool = False) -> None:
+        """These commands were just handed to their device (a push to its live session, a poll's
+        reply) and, with ``received``, it proved it has them (its PUBACK, an HTTP poll's response).
+        Written by ``flush_delivery``; the first time of each counts."""
+        now = self.clock()
+        marks = self._delivered if received else self._sent
+        for command_id in command_ids:
+            marks.setdefault(command_id, now)
+
+    async def flush_delivery(self) -> int:
+        """Write the sent and delivered times gathered since the last flush, in one write (a write
+        per push would double the store's work); returns how many. Kept for the next flush on a
+        store error."""
+        sent, self._sent = self._sent, {}
+        delivered, self._delivered = self._delivered, {}
+        if not (sent or delivered):
+            return 0
+        try:
+            await self.store.mark_delivery(list(sent.items()), list(delivered.items()))
+        except BaseException:
+            self._sent = {**sent, **self._sent}
+            self._delivered = {**delivered, **self._delivered}
+            raise
+        return len(sent) + len(delivered)
+
+    def presence(self, app_version: str, endpoint_token: str, connected: bool) -> None:
+        """An endpoint's device connected or disconnected (the embedded broker's sessions, or the
+        device's presence topic). Written at once, with whatever else changed meanwhile in the same
+        write, then announced (``cex/events/presence/...``)."""
+        self._presence.append(PresenceChange(app_version, endpoint_token, connected, self.clock()))
+        if self._presence_writer is None or self._presence_writer.done():
+            self._presence_writer = asyncio.get_running_loop().create_task(self._write_presence(), name="presence")
+
+    async def _write_presence(self) -> None:
+        while self._presence:
+            changes, self._presence = self._presence, []
+            try:
+                await self.store.mark_presence([(c.app_version, c.endpoint_token, c.connected, c.at) for c in changes])
+            except StoreUnavailable as exc:  # kept, in order, for the next try
+                self._presence[:0] = changes
+                log.error("presence_not_written", reason=exc.reason, changes=len(changes), retry_in_s=PRESENCE_RETRY_S)
+                await asyncio.sleep(PRESENCE_RETRY_S)
+                continue
+            for change in changes:
+                self.announcer.presence_changed(change)
+
+    async def flush_presence(self) -> None:
+        """Wait until every presence change so far is written (shutdown, tests)."""
+        while self._presence_writer is not None and not self._presence_writer.done():
+            await asyncio.shield(self._presence_writer)
 
     async def delivery(self, target: Target) -> Delivery:
         return await self.store.delivery(target, self.clock())

@@ -25,6 +25,7 @@ from broker_bridge.errors import BadRequest
 
 COMMAND_TYPE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 REPLY_LEVELS = frozenset({"status", "error"})
+PRESENCE = "presence"  # kp1/{av}/cex/{token}/presence: a device's birth and death messages
 _MAX_ID_DIGITS = 18  # keeps ids inside a signed 64-bit integer
 
 
@@ -172,10 +173,27 @@ class TopicScheme:
     events_prefix: str = "cex/events"
 
     # -- subscriptions -------------------------------------------------------------------------
-    def bridge_filters(self) -> list[str]:
-        """What the bridge subscribes to."""
+    def bridge_filters(self, *, presence: bool = False) -> list[str]:
+        """What the bridge subscribes to; with ``presence``, devices' presence topics too."""
         base = f"{self.kp1_prefix}/+/{self.extension}/+"
-        return [f"{base}/command/#", f"{base}/result/#", f"{self.admin_prefix}/#"]
+        filters = [f"{base}/command/#", f"{base}/result/#", f"{self.admin_prefix}/#"]
+        return [*filters, f"{base}/{PRESENCE}"] if presence else filters
+
+    def presence_topic(self, app_version: str, endpoint_token: str) -> str:
+        """Where a device on an external broker says it is connected (birth) or not (Last Will)."""
+        return f"{self.endpoint_base(app_version, endpoint_token)}/{PRESENCE}"
+
+    def parse_presence(self, topic: str) -> tuple[str, str] | None:
+        """(app version, token) of a device presence topic; None for any other topic."""
+        levels = topic.split("/")
+        prefix_levels = self.kp1_prefix.split("/")
+        n = len(prefix_levels)
+        if len(levels) != n + 4 or levels[:n] != prefix_levels or levels[n + 1] != self.extension:
+            return None
+        if levels[n + 3] != PRESENCE:
+            return None
+        target = make_target(levels[n], levels[n + 2], "presence")  # checks the app version and token
+        return target.app_version, target.endpoint_token
 
     # -- device tree ---------------------------------------------------------------------------
     def endpoint_base(self, app_version: str, endpoint_token: str) -> str:
@@ -263,6 +281,9 @@ class TopicScheme:
         )
 
     # -- events --------------------------------------------------------------------------------
+    def presence_event_topic(self, app_version: str, endpoint_token: str) -> str:
+        return f"{self.events_prefix}/presence/{app_version}/{endpoint_token}"
+
     def event_topic(self, target: Target, command_id: int) -> str:
         return (
             f"{self.events_prefix}/{target.app_version}/{target.endpoint_token}/"

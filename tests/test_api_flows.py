@@ -26,6 +26,7 @@ TOKEN = "lamp1"
 CURL = {"User-Agent": "curl/8.5.0", "Accept": "*/*"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SEED_AUTH = {"X-Enapter-Auth-Token": KEY}
+SEED_KEY_NAME = "seed-operator"
 MANIFEST = {
     "commands": {
         "change_lux": {
@@ -71,7 +72,7 @@ class Env:
 async def env(tmp_path: Path, app_version: str) -> AsyncIterator[Env]:
     """The service with an API key, and a plain HTTP client."""
     port = free_port()
-    settings = make_settings(tmp_path, port, api_keys=[KEY], sweep_interval_s=0.1)
+    settings = make_settings(tmp_path, port, api_keys=[{"name": SEED_KEY_NAME, "key": KEY}], sweep_interval_s=0.1)
     async with running_service(settings), httpx.AsyncClient(base_url=f"http://{settings.http_listen}") as http:
         yield Env(settings, port, http, app_version)
 
@@ -135,7 +136,12 @@ async def test_enapter_seed_flow_with_an_mqtt_device(env: Env) -> None:
             "manifest_name": "change_lux",
         }
         assert (executed["response"]["state"], executed["ephemeral"]) == ("SUCCEEDED", False)
-        assert set(executed) == {"id", "state", "created_at", "request", "response", "ephemeral"}
+        enapter = {"id", "state", "created_at", "request", "response", "ephemeral"}
+        extensions = {"invoked_by", "device_seen", "sent_at", "delivered_at"}  # README: "Delivery and invokedBy"
+        assert set(executed) == enapter | extensions
+        assert executed["invoked_by"] == SEED_KEY_NAME
+        assert executed["sent_at"] is not None
+        assert executed["delivered_at"] is not None
 
         created = await env.curl("POST", f"{base}/command_executions", CREATE_BODY, SEED_AUTH)
         assert set(created) == {"execution_id"}

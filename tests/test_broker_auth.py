@@ -688,3 +688,15 @@ async def test_in_process_bridge_id_refuses_even_the_bridge_password(
             running.link.ack(received)  # the PUBACK waits for the bridge's ack
             await asyncio.wait_for(publishing, 5)
         assert received.topic == f"kp1/{app_version}/cex/devA/command/reboot"
+
+
+async def test_invoked_by_names_the_admin_login(service: Service) -> None:
+    """With logins, a command invoked over MQTT records the admin's user name (issue 13: invokedBy);
+    the device's presence comes from its authenticated session."""
+    async with service.connect("admin") as admin, service.connect("devA") as dev_a:
+        record = await service.invoke(admin, "devA")
+        assert record["invokedBy"] == "mqtt:admin"
+        assert record["deviceSeen"] is False  # devA has said nothing yet
+        assert await service.poll(dev_a, "devA", 3) == [{"id": record["id"], "payload": {"n": 1}}]
+        again = await service.invoke(admin, "devA", rid=4)
+        assert (again["invokedBy"], again["deviceSeen"]) == ("mqtt:admin", True)

@@ -36,7 +36,9 @@ TTL = timedelta(seconds=60)
 REBOOT = Target(app_version="app-v1", endpoint_token="dev1", command_type="reboot")
 RECORD_KEYS = {
     "id", "appVersion", "endpointToken", "commandType", "payload", "state", "statusCode", "reasonPhrase",
-    "resultPayload", "createdAt", "updatedAt", "expiresAt", "rerunOf", "log",
+    "resultPayload", "createdAt", "updatedAt", "expiresAt", "rerunOf", "invokedBy", "deviceSeen", "sentAt",
+    "deliveredAt",
+    "log",
 }  # fmt: skip
 
 
@@ -174,13 +176,29 @@ def test_apply_report_does_not_mutate_input() -> None:
 
 
 def test_log_late_report_keeps_state() -> None:
-    """A late report is logged on an expired command; only the log and updatedAt change."""
+    """A late report is logged on an expired command; only the log, updatedAt and the proof of
+    delivery change (the device had it, late)."""
     expired = expire(pending(), T0 + TTL)
     late = report(200, after_s=120)
     logged = log_late_report(expired, late)
     assert logged.log == (late,)
     assert logged.updated_at == late.received_at
-    assert dataclasses.replace(logged, log=(), updated_at=expired.updated_at) == expired
+    assert logged.delivered_at == logged.sent_at == late.received_at
+    unchanged = dataclasses.replace(logged, log=(), updated_at=expired.updated_at, sent_at=None, delivered_at=None)
+    assert unchanged == expired
+
+
+def test_report_proves_delivery_once() -> None:
+    """The first report sets deliveredAt (and sentAt when no push proved it earlier); later ones
+    keep the first proof."""
+    sent = dataclasses.replace(pending(), sent_at=T0 + timedelta(seconds=1))
+    progress = apply_report(sent, report(102, after_s=5))
+    assert progress.sent_at == T0 + timedelta(seconds=1)
+    assert progress.delivered_at == progress.log[0].received_at
+    final = apply_report(progress, report(200, after_s=9))
+    assert (final.sent_at, final.delivered_at) == (progress.sent_at, progress.delivered_at)
+    unsent = apply_report(pending(), report(200, after_s=3))
+    assert unsent.sent_at == unsent.delivered_at == unsent.log[0].received_at
 
 
 # -- expire and cancel -------------------------------------------------------------------------

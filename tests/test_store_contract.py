@@ -681,3 +681,88 @@ async def test_sqlite_check_writable_notices_the_file_gone_or_replaced(tmp_path:
             pass
         with pytest.raises(StoreUnavailable, match="replaced while open"):
             await store.check_writable(T0)
+
+
+async def test_invoker_and_device_seen_round_trip(store: CommandStore) -> None:
+    """Who invoked a command, and whether its endpoint had been heard from, come back as stored,
+    through a plain create and through an operator's submit."""
+    made = await store.create(dataclasses.replace(new(), invoked_by="ops-team", device_seen=False))
+    submitted = await store.submit(
+        dataclasses.replace(new(OTHER_DEVICE), invoked_by="cli:alice"), max_open=10, mark_retained=False
+    )
+    assert (made.invoked_by, made.device_seen) == ("ops-team", False)
+    assert await store.get(made.id) == made
+    fetched = await store.get(submitted.command.id)
+    assert fetched is not None
+    assert (fetched.invoked_by, fetched.device_seen) == ("cli:alice", True)
+    plain = await store.create(new())
+    assert (plain.invoked_by, plain.device_seen) == (None, True)
+
+
+async def test_mark_delivery_sets_each_time_once(store: CommandStore) -> None:
+    """sentAt and deliveredAt are set by the first proof and never moved; delivered implies sent;
+    the record's version stays (no compare-and-set of a report or cancel fails because of them);
+    unknown ids are ignored."""
+    first, second, third = [await store.create(new()) for _ in range(3)]
+    t1, t2, t3 = (T0 + timedelta(seconds=s) for s in (1, 2, 3))
+    await store.mark_delivery(sent=[(first.id, t1), (second.id, t1), (999_999, t1)], delivered=[(third.id, t2)])
+    await store.mark_delivery(sent=[(first.id, t3)], delivered=[(second.id, t2), (second.id, t3)])
+    await store.mark_delivery(sent=[], delivered=[])
+    got = {c.id: c for c in await store.get_many([first.id, second.id, third.id])}
+    assert (got[first.id].sent_at, got[first.id].delivered_at) == (t1, None)
+    assert (got[second.id].sent_at, got[second.id].delivered_at) == (t1, t2)
+    assert (got[third.id].sent_at, got[third.id].delivered_at) == (t2, t2)
+    assert [c.updated_at for c in got.values()] == [T0, T0, T0]
+    # A report after a push keeps the push's sentAt and adds its own proof of receipt.
+    (outcome,) = await store.report(REBOOT, [(first.id, report(200, at=T0 + timedelta(seconds=9)))])
+    assert outcome.error is None
+    done = await store.get(first.id)
+    assert done is not None
+    assert (done.sent_at, done.delivered_at) == (t1, T0 + timedelta(seconds=10))
+    # ... and a report written from a stale copy (delivered since it was read) does not undo the mark.
+    cancelled = await store.cancel(second.id, T0 + timedelta(seconds=11))
+    assert (cancelled.sent_at, cancelled.delivered_at) == (t1, t2)
+
+
+async def test_presence_moves_forward_and_filters_devices(store: CommandStore) -> None:
+    """Presence changes apply in time order (a stale one is ignored), unregistered endpoints are
+    left out, an edit keeps presence, and listings filter by it; unknown is neither."""
+    for n in range(3):
+        await store.add_device(device(f"d{n}", f"dev{n}"))
+    t1, t2, t3 = (T0 + timedelta(seconds=s) for s in (1, 2, 3))
+    await store.mark_presence(
+        [
+            ("app-v1", "dev0", True, t1),
+            ("app-v1", "dev1", True, t1),
+            ("app-v1", "dev1", False, t2),
+            ("app-v1", "unregistered", True, t1),
+        ]
+    )
+    await store.mark_presence([("app-v1", "dev0", False, t1), ("app-v1", "dev1", True, t1)])  # stale: ignored
+    await store.mark_presence([])
+    d0, d1, d2 = [await store.get_device(f"d{n}") for n in range(3)]
+    assert d0 is not None
+    assert d1 is not None
+    assert d2 is not None
+    assert (d0.connected, d0.connected_at, d0.disconnected_at) == (True, t1, None)
+    assert (d1.connected, d1.connected_at, d1.disconnected_at) == (False, t1, t2)
+    assert (d2.connected, d2.connected_at, d2.disconnected_at) == (None, None, None)
+    await store.replace_device(dataclasses.replace(d0, labels={"site": "lab"}, connected=None))
+    edited = await store.get_device("d0")
+    assert edited is not None
+    assert (edited.labels, edited.connected) == ({"site": "lab"}, True)
+
+    async def ids(connected: bool | None, labels: dict[str, str] | None = None) -> tuple[list[str], int]:
+        found = [d.device_id for d in await store.devices(limit=10, offset=0, labels=labels, connected=connected)]
+        return found, await store.count_devices(labels, connected)
+
+    assert await ids(None) == (["d0", "d1", "d2"], 3)
+    assert await ids(True) == (["d0"], 1)
+    assert await ids(False) == (["d1"], 1)
+    assert await ids(True, {"site": "lab"}) == (["d0"], 1)
+    assert await ids(False, {"site": "lab"}) == ([], 0)
+    assert await store.disconnect_all(t3) == 1
+    after = await store.get_device("d0")
+    assert after is not None
+    assert (after.connected, after.connected_at, after.disconnected_at) == (False, t1, t3)
+    assert await store.disconnect_all(t3) == 0

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from broker_bridge import protocol
 from broker_bridge.api import views
-from broker_bridge.api.auth import AdminKey, IdempotencyKey
+from broker_bridge.api.auth import AdminKey, IdempotencyKey, invoker
 from broker_bridge.commands import Command
 from broker_bridge.devices import Device
 from broker_bridge.errors import BadRequest, CommandNotFound, PayloadTooLarge
@@ -66,7 +66,9 @@ async def invoke(
     ttl_s = None if ttl_ms is None else (ttl_ms / 1000 or PUSH_ONCE_TTL_S)
     target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=command_type)
     payload = await _payload(request)
-    command = await service.execute(target, payload, wait_s=await_s, ttl_s=ttl_s, idempotency_key=idempotency_key)
+    command = await service.execute(
+        target, payload, wait_s=await_s, ttl_s=ttl_s, idempotency_key=idempotency_key, invoked_by=invoker(request)
+    )
     body = views.kaa_command(command, endpoint_id)
     if command.is_open:
         return JSONResponse(body, status_code=202, headers={"Location": _location(endpoint_id, command)})
@@ -170,7 +172,7 @@ async def rerun_command(
     service = _service(request)
     original = await _command(service, endpoint_id, command_type, command_id)
     ttl_s = None if ttl_ms is None else (ttl_ms / 1000 or PUSH_ONCE_TTL_S)
-    command = await service.rerun(original.id, ttl_s, target=original.target)
+    command = await service.rerun(original.id, ttl_s, target=original.target, invoked_by=invoker(request))
     if await_s > 0:
         command = await service.wait_final(command.id, await_s)
     body = views.kaa_command(command, endpoint_id)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 
 from broker_bridge import cep, protocol
 from broker_bridge.errors import BridgeError, CommandNotFound, PayloadTooLarge
@@ -46,6 +47,10 @@ def _check_extension(request: Request, extension: str) -> None:
         raise CommandNotFound(f"unknown extension {extension!r}")
 
 
+async def _delivered(service: CommandService, command_ids: list[int]) -> None:
+    service.handed(command_ids, received=True)
+
+
 def _reply(body: Any, fmt: Format, status: int = 200) -> Response:
     if fmt.codec is Codec.MSGPACK:
         return Response(protocol.encode(body, Codec.MSGPACK), status_code=status, media_type=MSGPACK_TYPE)
@@ -57,7 +62,11 @@ async def _command(request: Request, app_version: str, extension: str, token: st
         _check_extension(request, extension)
         service: CommandService = request.app.state.service
         target = make_target(app_version, token, kind)
-        return _reply(await cep.poll(service, target, fmt, await _body(request)), fmt)
+        items = await cep.poll(service, target, fmt, await _body(request))
+        response = _reply(items, fmt)
+        # Once the response is written, the device has them: their proof of delivery.
+        response.background = BackgroundTask(_delivered, service, [item["id"] for item in items])
+        return response
     except BridgeError as exc:  # every body on a /msgpack path is MessagePack, errors too
         return _reply(protocol.error_body(exc.status_code, exc.reason), fmt, exc.status_code)
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from broker_bridge.api import views
-from broker_bridge.api.auth import AdminKey, IdempotencyKey
+from broker_bridge.api.auth import AdminKey, IdempotencyKey, invoker
 from broker_bridge.commands import Command
 from broker_bridge.devices import Device, Manifest
 from broker_bridge.errors import BadRequest
@@ -101,8 +101,13 @@ async def list_devices(
         list[str] | None,
         Query(max_length=20, description="key:value; several: the device carries all of them"),
     ] = None,
+    connected: Annotated[
+        bool | None,
+        Query(description="true: only devices known to be connected; false: known not to be (unknown: neither)"),
+    ] = None,
 ) -> dict[str, Any]:
-    found, total = await _service(request).registry.page(limit, offset, parse_label_filter(label or []))
+    labels = parse_label_filter(label or [])
+    found, total = await _service(request).registry.page(limit, offset, labels, connected)
     return {"devices": [views.device(d) for d in found], "total_count": total}
 
 
@@ -133,7 +138,12 @@ def _target(device: Device, body: ExecutionRequest) -> Target:
 
 async def _execute(request: Request, device: Device, body: ExecutionRequest, key: str | None) -> Command:
     return await _service(request).invoke(
-        _target(device, body), body.arguments, body.ttl, ephemeral=body.ephemeral, idempotency_key=key
+        _target(device, body),
+        body.arguments,
+        body.ttl,
+        ephemeral=body.ephemeral,
+        idempotency_key=key,
+        invoked_by=invoker(request),
     )
 
 
@@ -152,7 +162,13 @@ async def execute_command(
     service = _service(request)
     target = _target(await service.registry.get(device_id), body)
     command = await service.execute(
-        target, body.arguments, wait_s=wait_s, ttl_s=body.ttl, ephemeral=body.ephemeral, idempotency_key=idempotency_key
+        target,
+        body.arguments,
+        wait_s=wait_s,
+        ttl_s=body.ttl,
+        ephemeral=body.ephemeral,
+        idempotency_key=idempotency_key,
+        invoked_by=invoker(request),
     )
     return {"execution": views.execution(command, with_log=with_log)}
 
@@ -190,7 +206,9 @@ async def rerun_execution(
     with_log = _with_log(expand)
     service = _service(request)
     original = await service.device_command(await service.registry.get(device_id), execution_id)
-    command = await service.rerun(original.id, body.ttl if body else None, target=original.target)
+    command = await service.rerun(
+        original.id, body.ttl if body else None, target=original.target, invoked_by=invoker(request)
+    )
     if wait_s <= 0:
         return {"execution_id": str(command.id)}
     command = await service.wait_final(command.id, wait_s)

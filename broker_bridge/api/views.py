@@ -11,6 +11,7 @@ Each report in the command's log is a response: 100 -> STARTED, other 1xx -> IN_
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from broker_bridge.commands import Command, CommandState, Report, rfc3339
@@ -57,6 +58,11 @@ def execution(command: Command, *, with_log: bool = False) -> dict[str, Any]:
             "manifest_name": command.target.command_type,
         },
         "ephemeral": command.ephemeral,
+        # Our extensions (Enapter has no such fields): who invoked it, and its delivery.
+        "invoked_by": command.invoked_by,
+        "device_seen": command.device_seen,
+        "sent_at": _time(command.sent_at),
+        "delivered_at": _time(command.delivered_at),
     }
     if command.rerun_of is not None:
         body["rerun_of"] = str(command.rerun_of)
@@ -101,6 +107,10 @@ def kaa_command(command: Command, endpoint_id: str) -> dict[str, Any]:
         "updatedAt": rfc3339(command.updated_at),
         "expiresAt": rfc3339(command.expires_at),
         "rerunOf": command.rerun_of,
+        "invokedBy": command.invoked_by,
+        "deviceSeen": command.device_seen,
+        "sentAt": _time(command.sent_at),
+        "deliveredAt": _time(command.delivered_at),
     }
 
 
@@ -113,5 +123,12 @@ def device(found: Device) -> dict[str, Any]:
         "manifest": None if found.manifest is None else found.manifest.model_dump(exclude_none=True),
         "created_at": rfc3339(found.created_at),
         "updated_at": rfc3339(found.updated_at),
-        "last_seen_at": None if found.last_seen_at is None else rfc3339(found.last_seen_at),
+        "last_seen_at": _time(found.last_seen_at),
+        "connected": found.connected,  # null: the broker does not tell (see topics.md, "Presence")
+        "connected_at": _time(found.connected_at),
+        "disconnected_at": _time(found.disconnected_at),
     }
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else rfc3339(moment)

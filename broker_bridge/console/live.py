@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker_bridge.commands import Command
+from broker_bridge.devices import PresenceChange
 from broker_bridge.store import Delivery
 from broker_bridge.topics import Target
 
@@ -53,3 +54,6 @@ class LiveEvents:
         for command_id, target in expired:
             for listener in self.listeners:
                 listener.offer(target, command_id)
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        pass

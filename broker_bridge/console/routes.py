@@ -25,6 +25,7 @@ from broker_bridge.console import session as sessions
 from broker_bridge.console.live import LiveEvents
 from broker_bridge.devices import CommandSpec, Device
 from broker_bridge.errors import BadRequest, BridgeError, Conflict
+from broker_bridge.keys import name_by_print
 from broker_bridge.service import CommandService
 from broker_bridge.store import CommandQuery
 from broker_bridge.topics import Codec, Target
@@ -59,6 +60,11 @@ def _session(request: Request) -> sessions.Session:
     if found is None:
         raise SignInRequired
     return found
+
+
+def _invoker(request: Request, session: sessions.Session) -> str:
+    """Who acts through a console session: the name of the key it was opened with."""
+    return name_by_print(session.key_print, request.app.state.key_names)
 
 
 def _checked(request: Request, csrf: str | None) -> sessions.Session:
@@ -260,7 +266,7 @@ async def run(
     csrf: Annotated[str | None, Form()] = None,
 ) -> HTMLResponse:
     """Kaa's "Run": invoke, then show the new command (its row also appears in the history)."""
-    _checked(request, csrf)
+    session = _checked(request, csrf)
     service = _service(request)
     try:
         device = await service.registry.get(device_id)
@@ -276,7 +282,7 @@ async def run(
             raise Conflict(f"{command_type} is marked dangerous in the manifest: confirm to run it")
         ttl_s = _seconds(ttl)
         target = Target(app_version=device.app_version, endpoint_token=device.endpoint_token, command_type=command_type)
-        command = await service.invoke(target, payload, ttl_s)
+        command = await service.invoke(target, payload, ttl_s, invoked_by=_invoker(request, session))
     except BridgeError as exc:
         return _problem(request, exc)
     return _page(request, "_created.html", 201, command=command)
@@ -440,10 +446,10 @@ async def command(request: Request, command_id: int) -> HTMLResponse:
 
 @router.post("/console/commands/{command_id}/rerun")
 async def rerun(request: Request, command_id: int, csrf: Annotated[str | None, Form()] = None) -> HTMLResponse:
-    _checked(request, csrf)
+    session = _checked(request, csrf)
     service = _service(request)
     try:
-        again = await service.rerun(command_id)
+        again = await service.rerun(command_id, invoked_by=_invoker(request, session))
         _, device = await _device_command(service, again.id)
     except BridgeError as exc:
         return _problem(request, exc)

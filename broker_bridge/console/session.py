@@ -12,6 +12,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from broker_bridge.keys import fingerprint
+
 COOKIE = "bb_session"
 SESSION_S = 12 * 3600
 
@@ -20,14 +22,11 @@ SESSION_S = 12 * 3600
 class Session:
     sid: str
     csrf: str
+    key_print: str  # the fingerprint of the key it was opened with: who acts through it
 
 
 def _secret(keys: tuple[str, ...]) -> bytes:
     return hashlib.sha256(b"broker-bridge console\0" + b"\0".join(k.encode() for k in sorted(keys))).digest()
-
-
-def fingerprint(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _sign(keys: tuple[str, ...], text: str) -> str:
@@ -56,7 +55,7 @@ def read_session(keys: tuple[str, ...], cookie: str | None, now: float | None = 
         return None
     if key_print not in {fingerprint(k) for k in keys}:
         return None
-    return Session(sid=sid, csrf=_sign(keys, f"csrf:{sid}")[:32])
+    return Session(sid=sid, csrf=_sign(keys, f"csrf:{sid}")[:32], key_print=key_print)
 
 
 def csrf_ok(session: Session, offered: str | None) -> bool:

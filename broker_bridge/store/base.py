@@ -227,11 +227,14 @@ class CommandStore(Protocol):
 
     async def device_for(self, app_version: str, endpoint_token: str) -> Device | None: ...
 
-    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
-        """Registered devices, oldest first; with ``labels``, only those carrying every one of them."""
+    async def devices(
+        self, limit: int, offset: int, labels: Mapping[str, str] | None = None, connected: bool | None = None
+    ) -> list[Device]:
+        """Registered devices, oldest first; with ``labels``, only those carrying every one of them;
+        with ``connected``, only those known to be (True) or known not to be (False) connected."""
         ...
 
-    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int: ...
+    async def count_devices(self, labels: Mapping[str, str] | None = None, connected: bool | None = None) -> int: ...
 
     async def delete_device(self, device_id: str) -> bool:
         """Unregister a device (its command history stays); False if there was none."""
@@ -244,6 +247,23 @@ class CommandStore(Protocol):
     async def mark_seen(self, seen: Sequence[tuple[str, str, datetime]]) -> None:
         """Record when endpoints (app version, token) were last heard from, all in one write. A
         device's time never goes back; endpoints of no registered device are left out."""
+        ...
+
+    async def mark_presence(self, changes: Sequence[tuple[str, str, bool, datetime]]) -> None:
+        """Record (app version, token, connected, at) presence changes in order, in one write. A change
+        older than the device's last one is ignored; endpoints of no registered device are left out."""
+        ...
+
+    async def disconnect_all(self, now: datetime) -> int:
+        """Every device recorded as connected is not (the embedded broker starts with no sessions)."""
+        ...
+
+    async def mark_delivery(
+        self, sent: Sequence[tuple[int, datetime]], delivered: Sequence[tuple[int, datetime]]
+    ) -> None:
+        """Record when commands were handed to their device (``sent``: (id, at)) or proven received by
+        it (``delivered``, which implies sent), in one write. A time once set is never changed; the
+        record's version (``updated_at``) stays, so no state change races with it."""
         ...
 
 

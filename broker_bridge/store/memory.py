@@ -205,8 +205,14 @@ class MemoryStore:
         if (existing := self._devices.get(device.device_id)) is None:
             raise DeviceNotFound(f"no device {device.device_id!r}")
         self._check_free(device)
-        # As in the SQL stores: an edit leaves the last-seen time as it is.
-        self._devices[device.device_id] = dataclasses.replace(device, last_seen_at=existing.last_seen_at)
+        # As in the SQL stores: an edit leaves the last-seen time and presence as they are.
+        self._devices[device.device_id] = dataclasses.replace(
+            device,
+            last_seen_at=existing.last_seen_at,
+            connected=existing.connected,
+            connected_at=existing.connected_at,
+            disconnected_at=existing.disconnected_at,
+        )
         return device
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -216,16 +222,22 @@ class MemoryStore:
         wanted = (app_version, endpoint_token)
         return next((d for d in self._devices.values() if (d.app_version, d.endpoint_token) == wanted), None)
 
-    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
-        ordered = sorted(self._labelled(labels), key=lambda d: (d.created_at, d.device_id))
+    async def devices(
+        self, limit: int, offset: int, labels: Mapping[str, str] | None = None, connected: bool | None = None
+    ) -> list[Device]:
+        ordered = sorted(self._labelled(labels, connected), key=lambda d: (d.created_at, d.device_id))
         return ordered[offset : offset + limit]
 
-    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
-        return len(self._labelled(labels))
+    async def count_devices(self, labels: Mapping[str, str] | None = None, connected: bool | None = None) -> int:
+        return len(self._labelled(labels, connected))
 
-    def _labelled(self, labels: Mapping[str, str] | None) -> list[Device]:
+    def _labelled(self, labels: Mapping[str, str] | None, connected: bool | None) -> list[Device]:
         wanted = (labels or {}).items()
-        return [d for d in self._devices.values() if all(d.labels.get(k) == v for k, v in wanted)]
+        return [
+            d
+            for d in self._devices.values()
+            if all(d.labels.get(k) == v for k, v in wanted) and (connected is None or d.connected is connected)
+        ]
 
     async def delete_device(self, device_id: str) -> bool:
         return self._devices.pop(device_id, None) is not None
@@ -244,6 +256,37 @@ class MemoryStore:
             device = await self.device_for(app_version, endpoint_token)
             if device is not None and (device.last_seen_at is None or device.last_seen_at < at):
                 self._devices[device.device_id] = dataclasses.replace(device, last_seen_at=at)
+
+    async def mark_presence(self, changes: Sequence[tuple[str, str, bool, datetime]]) -> None:
+        for app_version, endpoint_token, connected, at in changes:
+            device = await self.device_for(app_version, endpoint_token)
+            if device is None:
+                continue
+            last = max((t for t in (device.connected_at, device.disconnected_at) if t is not None), default=None)
+            if last is not None and last >= at:
+                continue
+            self._devices[device.device_id] = dataclasses.replace(
+                device,
+                connected=connected,
+                connected_at=at if connected else device.connected_at,
+                disconnected_at=device.disconnected_at if connected else at,
+            )
+
+    async def disconnect_all(self, now: datetime) -> int:
+        connected = [d for d in self._devices.values() if d.connected]
+        for device in connected:
+            self._devices[device.device_id] = dataclasses.replace(device, connected=False, disconnected_at=now)
+        return len(connected)
+
+    async def mark_delivery(
+        self, sent: Sequence[tuple[int, datetime]], delivered: Sequence[tuple[int, datetime]]
+    ) -> None:
+        for command_id, at in delivered:
+            if (c := self._commands.get(command_id)) is not None and c.delivered_at is None:
+                self._commands[command_id] = dataclasses.replace(c, delivered_at=at, sent_at=c.sent_at or at)
+        for command_id, at in sent:
+            if (c := self._commands.get(command_id)) is not None and c.sent_at is None:
+                self._commands[command_id] = dataclasses.replace(c, sent_at=at)
 
 
 def _endpoint(target: Target) -> tuple[str, str]:

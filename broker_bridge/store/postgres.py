@@ -405,7 +405,7 @@ class PostgresStore:
             self._locked[before.id] = after
         else:
             params = rows.update_params(before, after)
-            status = await conn.execute(sql.UPDATE, *params[:6], self.instance, *params[6:])
+            status = await conn.execute(sql.UPDATE, *params[:8], self.instance, *params[8:])
             if _count(status) != 1:  # the row is locked by us: this is a bug, not a race
                 raise StoreUnavailable(f"command {before.id} changed concurrently; retry")
         if not after.is_open:
@@ -416,7 +416,7 @@ class PostgresStore:
         if not self._unwritten:
             return
         unwritten, self._unwritten = self._unwritten, {}
-        columns: list[list[Any]] = [[] for _ in range(9)]
+        columns: list[list[Any]] = [[] for _ in range(11)]
         for before, after in unwritten.values():
             for column, value in zip(columns, rows.update_params(before, after), strict=True):
                 column.append(value)
@@ -536,6 +536,18 @@ class PostgresStore:
 
         await self._submit(op)
 
+    async def mark_delivery(
+        self, sent: Sequence[tuple[int, datetime]], delivered: Sequence[tuple[int, datetime]]
+    ) -> None:
+        async def op(conn: Conn) -> None:
+            for statement, marks in ((sql.MARK_DELIVERED, delivered), (sql.MARK_SENT, sent)):
+                first = dict(reversed(marks))  # one time per id (UPDATE ... FROM takes one match): the earliest given
+                if first:
+                    await conn.execute(statement, list(first), [rows.to_us(at) for at in first.values()])
+
+        if sent or delivered:
+            await self._submit(op)
+
     async def unannounced(self, after_id: int, limit: int) -> list[Command]:
         found = await self._rows(sql.UNANNOUNCED, after_id, limit, self.instance)
         return [rows.to_command(r) for r in found]
@@ -611,13 +623,15 @@ class PostgresStore:
         found = await self._rows(sql.SELECT_DEVICE_FOR, app_version, endpoint_token)
         return rows.to_device(found[0]) if found else None
 
-    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
-        where, params = _labels_where(labels, first=3)
+    async def devices(
+        self, limit: int, offset: int, labels: Mapping[str, str] | None = None, connected: bool | None = None
+    ) -> list[Device]:
+        where, params = _labels_where(labels, connected, first=3)
         query = f"SELECT {rows.DEVICE_SELECT} FROM devices {where} ORDER BY created_at, device_id LIMIT $1 OFFSET $2"
         return [rows.to_device(r) for r in await self._rows(query, limit, offset, *params)]
 
-    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
-        where, params = _labels_where(labels, first=1)
+    async def count_devices(self, labels: Mapping[str, str] | None = None, connected: bool | None = None) -> int:
+        where, params = _labels_where(labels, connected, first=1)
         found = await self._rows(f"SELECT count(*) FROM devices {where}", *params)
         return int(found[0][0])
 
@@ -635,6 +649,36 @@ class PostgresStore:
 
         await self._submit(op)
 
+    async def mark_presence(self, changes: Sequence[tuple[str, str, bool, datetime]]) -> None:
+        # UPDATE ... FROM takes one match per row: a device's second change in the batch goes in the
+        # next statement (rounds: the n-th change of each device), so all apply in order.
+        rounds: list[dict[tuple[str, str], tuple[bool, datetime]]] = []
+        for av, token, connected, at in changes:
+            free = next((r for r in rounds if (av, token) not in r), None)
+            if free is None:
+                rounds.append(free := {})
+            free[(av, token)] = (connected, at)
+
+        async def op(conn: Conn) -> None:
+            for changed in rounds:
+                await conn.execute(
+                    sql.MARK_PRESENCE_MANY,
+                    [k[0] for k in changed],
+                    [k[1] for k in changed],
+                    [int(c) for c, _ in changed.values()],
+                    [rows.to_us(at) for _, at in changed.values()],
+                )
+
+        if rounds:
+            await self._submit(op)
+
+    async def disconnect_all(self, now: datetime) -> int:
+        async def op(conn: Conn) -> int:
+            return _count(await conn.execute(sql.DISCONNECT_ALL, rows.to_us(now)))
+
+        result: int = await self._submit(op)
+        return result
+
     async def delete_device(self, device_id: str) -> bool:
         async def op(conn: Conn) -> bool:
             return _count(await conn.execute(sql.DELETE_DEVICE, device_id)) == 1
@@ -643,12 +687,12 @@ class PostgresStore:
         return result
 
 
-def _labels_where(labels: Mapping[str, str] | None, first: int) -> tuple[str, list[str]]:
-    """Devices carrying every one of these labels; placeholders numbered from ``first``."""
-    if not labels:
-        return "", []
-    tests = [f"labels::jsonb ->> ${first + 2 * i} = ${first + 2 * i + 1}" for i in range(len(labels))]
-    return "WHERE " + " AND ".join(tests), [x for kv in labels.items() for x in kv]
+def _labels_where(labels: Mapping[str, str] | None, connected: bool | None, first: int) -> tuple[str, list[str]]:
+    """Devices carrying every one of these labels and, with ``connected``, known (not) to be
+    connected; placeholders numbered from ``first``."""
+    tests = [f"labels::jsonb ->> ${first + 2 * i} = ${first + 2 * i + 1}" for i in range(len(labels or {}))]
+    tests += rows.connected_test(connected)
+    return ("WHERE " + " AND ".join(tests) if tests else ""), [x for kv in (labels or {}).items() for x in kv]
 
 
 def _target_columns(targets: Sequence[Target]) -> tuple[list[str], list[str], list[str]]:

@@ -91,6 +91,19 @@ MIGRATIONS: list[str] = [
     -- When the device's last KP1 message came (microseconds; NULL: not since this column).
     ALTER TABLE devices ADD COLUMN last_seen_at BIGINT;
     """,
+    """
+    -- Who created a command (an API key's name, an MQTT username, cli:<user>); NULL before this column.
+    ALTER TABLE commands ADD COLUMN invoked_by TEXT;
+    -- 0: the endpoint had never sent a KP1 message when the command was invoked for it.
+    ALTER TABLE commands ADD COLUMN device_seen INTEGER NOT NULL DEFAULT 1;
+    -- First handed to the device, and proof it has it (microseconds; NULL: not known).
+    ALTER TABLE commands ADD COLUMN sent_at BIGINT;
+    ALTER TABLE commands ADD COLUMN delivered_at BIGINT;
+    -- Presence where the broker tells it: 1 connected, 0 not, NULL unknown.
+    ALTER TABLE devices ADD COLUMN connected INTEGER;
+    ALTER TABLE devices ADD COLUMN connected_at BIGINT;
+    ALTER TABLE devices ADD COLUMN disconnected_at BIGINT;
+    """,
 ]
 
 CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS broker_bridge_schema (version INTEGER NOT NULL)"

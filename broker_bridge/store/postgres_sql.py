@@ -25,16 +25,17 @@ def numbered(sql: str) -> str:
 COLUMNS = rows.COLUMNS
 INSERT = numbered(
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced, announcer) "
-    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, invoked_by, device_seen, announced, "
+    "announcer) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
-# An invoke's insert, unless the endpoint already has $13 open commands: one round trip instead of a
+# An invoke's insert, unless the endpoint already has $15 open commands: one round trip instead of a
 # count and an insert. No row back: the limit, or the idempotency key taken (the caller tells which).
 SUBMIT = (
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced, announcer) "
-    "SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10, $11, 0, $12 WHERE (SELECT count(*) "
-    f"FROM commands WHERE app_version = $1 AND endpoint_token = $2 AND state IN {OPEN}) < $13 "
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, invoked_by, device_seen, announced, "
+    "announcer) SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, $14 "
+    "WHERE (SELECT count(*) "
+    f"FROM commands WHERE app_version = $1 AND endpoint_token = $2 AND state IN {OPEN}) < $15 "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 # SUBMIT and, when it inserted, MARK_RETAINED_IF_OBSERVED: the invoke of several instances in one
@@ -53,16 +54,20 @@ SELECT_FOR_UPDATE = SELECT_ONE + " FOR UPDATE"
 SELECT_MANY_FOR_UPDATE = f"SELECT {COLUMNS} FROM commands WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
 UPDATE = numbered(
     "UPDATE commands SET state = ?, status_code = ?, reason_phrase = ?, result_payload = ?, updated_at = ?, "
-    "log = ?, announced = 0, announcer = ? WHERE id = ? AND state = ? AND updated_at = ?"
+    "log = ?, sent_at = coalesce(sent_at, ?), delivered_at = coalesce(delivered_at, ?), announced = 0, "
+    "announcer = ? WHERE id = ? AND state = ? AND updated_at = ?"
 )
 # UPDATE for many rows at once (the reports and cancels of one batch), each only from the version it
 # was decided on; RETURNING tells which were written.
 UPDATE_MANY = (
     "UPDATE commands SET state = u.state, status_code = u.status_code, reason_phrase = u.reason_phrase, "
-    "result_payload = u.result_payload, updated_at = u.updated_at, log = u.log, announced = 0, announcer = $10 "
+    "result_payload = u.result_payload, updated_at = u.updated_at, log = u.log, "
+    "sent_at = coalesce(commands.sent_at, u.sent_at), delivered_at = coalesce(commands.delivered_at, u.delivered_at), "
+    "announced = 0, announcer = $12 "
     "FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[], "
-    "$8::text[], $9::bigint[]) AS u(state, status_code, reason_phrase, result_payload, updated_at, log, id, "
-    "old_state, old_updated_at) WHERE commands.id = u.id AND commands.state = u.old_state "
+    "$8::bigint[], $9::bigint[], $10::text[], $11::bigint[]) AS u(state, status_code, reason_phrase, result_payload, "
+    "updated_at, log, sent_at, delivered_at, id, old_state, old_updated_at) "
+    "WHERE commands.id = u.id AND commands.state = u.old_state "
     "AND commands.updated_at = u.old_updated_at RETURNING commands.id"
 )
 OPEN_COUNT = numbered(rows.OPEN_COUNT)
@@ -184,6 +189,27 @@ MARK_SEEN_MANY = (
     "UPDATE devices d SET last_seen_at = s.at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS s(av, token, at) "
     "WHERE d.app_version = s.av AND d.endpoint_token = s.token AND (d.last_seen_at IS NULL OR d.last_seen_at < s.at)"
 )
+
+# Rows locked in id order, as every batch locks them: no deadlock with another instance's batch.
+_LOCKED_IN_ORDER = "commands.id IN (SELECT id FROM commands WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE)"
+MARK_SENT = (
+    "UPDATE commands SET sent_at = u.at FROM unnest($1::bigint[], $2::bigint[]) AS u(id, at) "
+    f"WHERE commands.id = u.id AND commands.sent_at IS NULL AND {_LOCKED_IN_ORDER}"
+)
+MARK_DELIVERED = (
+    "UPDATE commands SET delivered_at = u.at, sent_at = coalesce(commands.sent_at, u.at) "
+    "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, at) "
+    f"WHERE commands.id = u.id AND commands.delivered_at IS NULL AND {_LOCKED_IN_ORDER}"
+)
+# Presence only moves forward in time: a change older than the last one recorded is stale.
+MARK_PRESENCE_MANY = (
+    "UPDATE devices d SET connected = s.c, connected_at = CASE WHEN s.c = 1 THEN s.at ELSE d.connected_at END, "
+    "disconnected_at = CASE WHEN s.c = 1 THEN d.disconnected_at ELSE s.at END "
+    "FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS s(av, token, c, at) "
+    "WHERE d.app_version = s.av AND d.endpoint_token = s.token "
+    "AND greatest(coalesce(d.connected_at, 0), coalesce(d.disconnected_at, 0)) < s.at"
+)
+DISCONNECT_ALL = numbered(rows.DISCONNECT_ALL)
 
 INSERT_SECRET = "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING value"
 SELECT_SECRET = "SELECT value FROM secrets WHERE name = $1"

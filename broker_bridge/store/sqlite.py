@@ -352,6 +352,19 @@ class SqliteStore(SqliteDevices):
 
         await self._submit(op, writes=True)
 
+    async def mark_delivery(
+        self, sent: Sequence[tuple[int, datetime]], delivered: Sequence[tuple[int, datetime]]
+    ) -> None:
+        sent_params = [(rows.to_us(at), command_id) for command_id, at in sent]
+        delivered_params = [(rows.to_us(at), rows.to_us(at), command_id) for command_id, at in delivered]
+
+        def op(conn: Conn) -> None:
+            conn.executemany(rows.MARK_DELIVERED, delivered_params)
+            conn.executemany(rows.MARK_SENT, sent_params)
+
+        if sent_params or delivered_params:
+            await self._submit(op, writes=True)
+
     async def unannounced(self, after_id: int, limit: int) -> list[Command]:
         def op(conn: Conn) -> list[Command]:
             return [rows.to_command(r) for r in conn.execute(rows.UNANNOUNCED, (after_id, limit))]

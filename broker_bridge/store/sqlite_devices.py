@@ -59,8 +59,10 @@ class SqliteDevices:
         result: Device | None = await self._submit(op, writes=False)
         return result
 
-    async def devices(self, limit: int, offset: int, labels: Mapping[str, str] | None = None) -> list[Device]:
-        where, params = rows.labels_where(labels)
+    async def devices(
+        self, limit: int, offset: int, labels: Mapping[str, str] | None = None, connected: bool | None = None
+    ) -> list[Device]:
+        where, params = rows.labels_where(labels, connected)
         sql = f"SELECT {rows.DEVICE_SELECT} FROM devices {where} ORDER BY created_at, device_id LIMIT ? OFFSET ?"
 
         def op(conn: Conn) -> list[Device]:
@@ -69,8 +71,8 @@ class SqliteDevices:
         result: list[Device] = await self._submit(op, writes=False)
         return result
 
-    async def count_devices(self, labels: Mapping[str, str] | None = None) -> int:
-        where, params = rows.labels_where(labels)
+    async def count_devices(self, labels: Mapping[str, str] | None = None, connected: bool | None = None) -> int:
+        where, params = rows.labels_where(labels, connected)
 
         def op(conn: Conn) -> int:
             found = list(conn.execute(f"SELECT count(*) FROM devices {where}", params))
@@ -90,6 +92,22 @@ class SqliteDevices:
 
         if params:
             await self._submit(op, writes=True)
+
+    async def mark_presence(self, changes: Sequence[tuple[str, str, bool, datetime]]) -> None:
+        params = [rows.presence_params(*change) for change in changes]
+
+        def op(conn: Conn) -> None:
+            conn.executemany(rows.MARK_PRESENCE, params)
+
+        if params:
+            await self._submit(op, writes=True)
+
+    async def disconnect_all(self, now: datetime) -> int:
+        def op(conn: Conn) -> int:
+            return conn.execute(rows.DISCONNECT_ALL, (rows.to_us(now),)).rowcount
+
+        result: int = await self._submit(op, writes=True)
+        return result
 
 
 def _write_device(conn: Conn, sql: str, params: tuple[Any, ...], device: Device) -> int:

@@ -14,30 +14,46 @@ from broker_bridge.topics import Format, Target
 
 COLUMNS = (
     "id, app_version, endpoint_token, command_type, payload, state, status_code, reason_phrase, "
-    "result_payload, created_at, updated_at, expires_at, log, request_name, ephemeral, idempotency_key, rerun_of"
+    "result_payload, created_at, updated_at, expires_at, log, request_name, ephemeral, idempotency_key, rerun_of, "
+    "invoked_by, sent_at, delivered_at, device_seen"
 )
 INSERT = (
     "INSERT INTO commands (app_version, endpoint_token, command_type, payload, state, created_at, "
-    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, announced) "
-    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 0)"
+    "updated_at, expires_at, request_name, ephemeral, idempotency_key, rerun_of, invoked_by, device_seen, "
+    "announced) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 )
 FIND_IDEMPOTENT = (
     f"SELECT {COLUMNS} FROM commands WHERE app_version = ? AND endpoint_token = ? AND idempotency_key = ?"
 )
 DEVICE_COLUMNS = "device_id, app_version, endpoint_token, labels, manifest, created_at, updated_at"
 INSERT_DEVICE = f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-DEVICE_SELECT = DEVICE_COLUMNS + ", last_seen_at"  # written only by MARK_SEEN, never by an edit
+# Written only by MARK_SEEN and MARK_PRESENCE, never by an edit.
+DEVICE_SELECT = DEVICE_COLUMNS + ", last_seen_at, connected, connected_at, disconnected_at"
 # A time never goes back (several instances, or a flush that was retried, write in any order).
 MARK_SEEN = (
     "UPDATE devices SET last_seen_at = ? WHERE app_version = ? AND endpoint_token = ? "
     "AND (last_seen_at IS NULL OR last_seen_at < ?)"
 )
+MARK_SENT = "UPDATE commands SET sent_at = ? WHERE id = ? AND sent_at IS NULL"
+MARK_DELIVERED = (
+    "UPDATE commands SET delivered_at = ?, sent_at = coalesce(sent_at, ?) WHERE id = ? AND delivered_at IS NULL"
+)
+# Presence only moves forward in time: a change older than the last one recorded is stale.
+MARK_PRESENCE = (
+    "UPDATE devices SET connected = ?, connected_at = CASE WHEN ? THEN ? ELSE connected_at END, "
+    "disconnected_at = CASE WHEN ? THEN disconnected_at ELSE ? END "
+    "WHERE app_version = ? AND endpoint_token = ? AND max(coalesce(connected_at, 0), coalesce(disconnected_at, 0)) < ?"
+)
+DISCONNECT_ALL = "UPDATE devices SET connected = 0, disconnected_at = ? WHERE connected = 1"
 UPDATE_DEVICE = (
     "UPDATE devices SET app_version = ?, endpoint_token = ?, labels = ?, manifest = ?, created_at = ?, "
     "updated_at = ? WHERE device_id = ?"
 )
+# sentAt and deliveredAt are set once, by whoever proves them first (a push's PUBACK may have
+# committed one since the row was read): coalesce, never overwrite.
 UPDATE = (
     "UPDATE commands SET state = ?, status_code = ?, reason_phrase = ?, result_payload = ?, updated_at = ?, log = ?, "
+    "sent_at = coalesce(sent_at, ?), delivered_at = coalesce(delivered_at, ?), "
     "announced = 0 WHERE id = ? AND state = ? AND updated_at = ?"
 )
 MARK_ANNOUNCED = "UPDATE commands SET announced = 1 WHERE id = ? AND updated_at = ?"
@@ -99,6 +115,10 @@ def to_us(moment: datetime) -> int:
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _maybe_us(moment: datetime | None) -> int | None:
+    return None if moment is None else to_us(moment)
+
+
 def from_us(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)  # twice as fast as fromtimestamp().replace()
 
@@ -132,6 +152,8 @@ def insert_params(new: NewCommand) -> tuple[Any, ...]:
         int(new.ephemeral),
         new.idempotency_key,
         new.rerun_of,
+        new.invoked_by,
+        int(new.device_seen),
     )
 
 
@@ -147,6 +169,8 @@ def update_params(before: Command, after: Command) -> tuple[Any, ...]:
         dump(after.result_payload),
         to_us(after.updated_at),
         _log_params(after.log),
+        _maybe_us(after.sent_at),
+        _maybe_us(after.delivered_at),
         before.id,
         before.state.value,
         to_us(before.updated_at),
@@ -185,6 +209,10 @@ def to_command(row: Any) -> Command:
         ephemeral=bool(row[14]),
         idempotency_key=row[15],
         rerun_of=row[16],
+        invoked_by=row[17],
+        sent_at=None if row[18] is None else from_us(row[18]),
+        delivered_at=None if row[19] is None else from_us(row[19]),
+        device_seen=bool(row[20]),
     )
 
 
@@ -211,16 +239,32 @@ def to_device(row: Any) -> Device:
         created_at=from_us(row[5]),
         updated_at=from_us(row[6]),
         last_seen_at=None if row[7] is None else from_us(row[7]),
+        connected=None if row[8] is None else bool(row[8]),
+        connected_at=None if row[9] is None else from_us(row[9]),
+        disconnected_at=None if row[10] is None else from_us(row[10]),
     )
 
 
-def labels_where(labels: Mapping[str, str] | None) -> tuple[str, tuple[Any, ...]]:
+def presence_params(av: str, token: str, connected: bool, at: datetime) -> tuple[Any, ...]:
+    us = to_us(at)
+    return (int(connected), int(connected), us, int(connected), us, av, token, us)
+
+
+def labels_where(
+    labels: Mapping[str, str] | None, connected: bool | None = None
+) -> tuple[str, tuple[Any, ...]]:
     """The WHERE clause of a device listing that must carry every one of these labels (any key:
-    matched through json_each, not a JSON path that a key's own quotes or dots could break)."""
-    if not labels:
-        return "", ()
+    matched through json_each, not a JSON path that a key's own quotes or dots could break), and
+    with ``connected``, be known (not) to be connected."""
     each = "EXISTS (SELECT 1 FROM json_each(devices.labels) WHERE key = ? AND value = ?)"
-    return "WHERE " + " AND ".join([each] * len(labels)), tuple(x for kv in labels.items() for x in kv)
+    tests = [each] * len(labels or {}) + connected_test(connected)
+    params = tuple(x for kv in (labels or {}).items() for x in kv)
+    return ("WHERE " + " AND ".join(tests) if tests else ""), params
+
+
+def connected_test(connected: bool | None) -> list[str]:
+    """The presence filter as SQL (a literal: no parameter to number)."""
+    return [] if connected is None else [f"connected = {int(connected)}"]
 
 
 def to_summary(found: Any) -> OpenSummary:
