@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=1.0, gt=0)
     max_payload_bytes: int = Field(default=256 * 1024, gt=0)
     max_outstanding_per_endpoint: int = Field(default=1000, gt=0)
+    max_in_flight_per_target: int | None = Field(default=None, gt=0)  # None: the whole list (Kaa)
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     topics: TopicSettings = TopicSettings()
@@ -174,6 +175,7 @@ class Settings(BaseSettings):
             max_ttl_s=self.max_ttl_s,
             retention_s=self.retention_s,
             max_outstanding_per_endpoint=self.max_outstanding_per_endpoint,
+            max_in_flight_per_target=self.max_in_flight_per_target,
         )
 
 

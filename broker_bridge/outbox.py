@@ -90,8 +90,10 @@ class Outbox:
         self._wake.set()
 
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
-        # Without retained lists a device only needs a push when something new is there for it.
-        if added or self.retain:
+        # Without retained lists a device only needs a push when something new is there for it: a
+        # command added or, with a delivery window, one finished (a queued one may have entered the
+        # window; the list is read afresh, so one push also covers several finishes at once).
+        if added or self.retain or self.service.limits.max_in_flight_per_target is not None:
             if delivery is not None and self._push_now(target, delivery):
                 return
             # A list committed earlier may be out of date by the time the loop gets to it (another

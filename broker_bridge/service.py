@@ -18,6 +18,7 @@ import structlog
 
 from broker_bridge import commands
 from broker_bridge.commands import Command, NewCommand, Report
+from broker_bridge.delivery import window
 from broker_bridge.devices import Device, resolve
 from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, StoreUnavailable
 from broker_bridge.protocol import ResultItem, check_document
@@ -92,6 +93,8 @@ class Limits:
     max_ttl_s: float = 30 * DAY_S
     retention_s: float = 30 * DAY_S
     max_outstanding_per_endpoint: int = 1000
+    # Commands handed out per target at once, oldest first (None: every outstanding one, as Kaa).
+    max_in_flight_per_target: int | None = None
 
 
 EXPIRY_GRACE_S = 2.0  # execute: how long a command past its wait may take to be seen expired
@@ -222,7 +225,10 @@ class CommandService:
             return _same_request(found, new)
         if created.created:
             log.debug("command_invoked", id=created.command.id, target=_key(new.target))
-            self._announce(created.command, added=True, delivery=created.delivery)
+            delivery = None if created.delivery is None else self._windowed(created.delivery)
+            # Queued behind the window: what the device is handed has not changed, nothing to push.
+            queued = delivery is not None and all(c.id != created.command.id for c in delivery.commands)
+            self._announce(created.command, added=None if queued else True, delivery=delivery)
             return created.command
         return _same_request(created.command, new)
 
@@ -269,13 +275,14 @@ class CommandService:
 
     # -- device side --------------------------------------------------------------------------
     async def poll(self, target: Target, observe: bool | None, fmt: Format = Format.PLAIN) -> tuple[Command, ...]:
-        """Every outstanding command of a target; remembers the observe flag and format."""
+        """The outstanding commands of a target in its window (oldest first); remembers the observe
+        flag and format."""
         await self.registry.admit(target.app_version, target.endpoint_token)
         self._saw(target)
         polled = await self.store.poll(target, self.clock(), observe, fmt)
         if polled.moved:  # the device switched formats: its retained list must follow it
             self.announcer.outstanding_changed(target, added=True)
-        return polled.commands
+        return window(polled.commands, self.limits.max_in_flight_per_target)
 
     async def report(self, target: Target, results: Sequence[ResultItem]) -> list[ReportOutcome]:
         """Apply a device's results in order; each refused one carries its error."""
@@ -316,10 +323,18 @@ class CommandService:
         return len(seen)
 
     async def delivery(self, target: Target) -> Delivery:
-        return await self.store.delivery(target, self.clock())
+        """What to push to a target: its outstanding commands in its window."""
+        return self._windowed(await self.store.delivery(target, self.clock()))
 
     async def deliveries(self, targets: Sequence[Target]) -> list[Delivery]:
-        return await self.store.deliveries(targets, self.clock())
+        return [self._windowed(d) for d in await self.store.deliveries(targets, self.clock())]
+
+    def _windowed(self, delivery: Delivery) -> Delivery:
+        """Only the oldest ``max_in_flight_per_target`` commands; the rest wait for them to finish."""
+        limit = self.limits.max_in_flight_per_target
+        if limit is None or len(delivery.commands) <= limit:
+            return delivery
+        return dataclasses.replace(delivery, commands=window(delivery.commands, limit))
 
     async def endpoint_seen(self, app_version: str, endpoint_token: str) -> None:
         """A device (re)appeared: push everything outstanding for it."""

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
 from broker_bridge.protocol import ResultItem, encode
-from broker_bridge.service import CommandService, Limits
+from broker_bridge.service import CommandService, Limits, utc_now
 from broker_bridge.store.memory import MemoryStore
 from broker_bridge.topics import Codec, Format, Target, TopicScheme
 
@@ -289,3 +290,94 @@ async def test_a_format_switch_is_announced_and_an_emptied_list_is_not_left_behi
     assert ("kp1/app-v1/cex/dev1/command/reboot/status", None, True) in pushes.seen  # deleted
     assert all(topic != json_topic for topic, _, _ in pushes.seen)  # nothing to retain there
     assert await service.store.retained_targets() == []
+
+
+def windowed(*, retain: bool, max_in_flight: int | None, clock: Any = utc_now) -> tuple[CommandService, Outbox]:
+    """``wired``, with a delivery window (and a clock of the test's, if given)."""
+    limits = Limits(max_in_flight_per_target=max_in_flight)
+    service = CommandService(MemoryStore(), retained_pushes=retain, limits=limits, clock=clock)
+    outbox = Outbox(service, TopicScheme(), retain=retain)
+    service.announcer = outbox
+    return service, outbox
+
+
+def pushed_ids(pushes: Pushes) -> list[list[int]]:
+    return [[item["id"] for item in items or []] for _, items, _ in pushes.seen]
+
+
+async def test_without_retained_lists_a_finished_command_lets_the_next_one_out() -> None:
+    """Window 1, no retained lists: a final result, a cancel and an expiry each push the next
+    command (without a window none of them would push: nothing was added)."""
+    now = [datetime.now(UTC)]
+    service, outbox = windowed(retain=False, max_in_flight=1, clock=lambda: now[0])
+    pushes = Pushes(service)
+    first, second = [await service.invoke(REBOOT, n, ttl_s=60) for n in range(2)]
+    third = await service.invoke(REBOOT, 2, ttl_s=10)
+    fourth = await service.invoke(REBOOT, 3, ttl_s=60)
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id]]
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    await service.cancel(second.id)
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id], [second.id], [third.id]]
+    now[0] += timedelta(seconds=11)
+    assert await service.expire_due() == 1
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes)[-1] == [fourth.id]
+    await service.report(REBOOT, [ResultItem(id=fourth.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert len(pushes.seen) == 4  # nothing left: no push of an empty list
+
+
+async def test_without_a_window_a_finished_command_pushes_nothing() -> None:
+    """The default: the device has the whole list already, a result changes nothing for it."""
+    service, outbox = windowed(retain=False, max_in_flight=None)
+    pushes = Pushes(service)
+    first, second = [await service.invoke(REBOOT, n) for n in range(2)]
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id, second.id]]
+
+
+async def test_finishes_read_together_still_let_every_queued_command_out() -> None:
+    """Window 2 over three commands: both delivered ones finish before the push loop reads the list;
+    the one read is [third], shorter than the window, and it is pushed all the same."""
+    service, outbox = windowed(retain=False, max_in_flight=2)
+    pushes = Pushes(service)
+    first, second, third = [await service.invoke(REBOOT, n) for n in range(3)]
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=c.id, statusCode=200) for c in (first, second)])
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id, second.id], [third.id]]
+
+
+async def test_a_retained_window_follows_the_finished_commands() -> None:
+    """With retained lists the broker holds the window: [first], then [second], then []."""
+    service, outbox = windowed(retain=True, max_in_flight=1)
+    pushes = Pushes(service)
+    wire = Wire()
+    async with running(outbox, wire.publish):
+        first = await service.invoke(REBOOT, 1)
+        second = await service.invoke(REBOOT, 2)
+    # The second invoke is queued behind the window: the device's list did not change, no push.
+    assert [json.loads(p.payload) for p in wire.sent if "/command/" in p.topic] == [[{"id": first.id, "payload": 1}]]
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=second.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert [(ids, retain) for ids, (_, _, retain) in zip(pushed_ids(pushes), pushes.seen, strict=True)] == [
+        ([second.id], True),
+        ([], True),
+    ]
+
+
+async def test_polls_and_deliveries_are_windowed() -> None:
+    """A poll (MQTT or HTTP alike) and a push read hand out the oldest k commands only."""
+    service, _ = windowed(retain=False, max_in_flight=2)
+    made = [await service.invoke(REBOOT, n) for n in range(5)]
+    assert await service.poll(REBOOT, None) == tuple(made[:2])
+    assert (await service.delivery(REBOOT)).commands == tuple(made[:2])
+    await service.cancel(made[0].id)
+    assert await service.poll(REBOOT, None) == tuple(made[1:3])
