@@ -25,8 +25,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from broker_bridge import cep, protocol
 from broker_bridge.commands import to_record
 from broker_bridge.config import BrokerAddress
+from broker_bridge.delivery import MAX_PUSH_BYTES, first_message
 from broker_bridge.errors import BridgeError, PayloadTooLarge, StoreUnavailable
-from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.outbox import Outbox, Publication, log_left_out
 from broker_bridge.paho_io import BufferedReads, BufferedWrites
 from broker_bridge.service import CommandService
 from broker_bridge.topics import (
@@ -175,6 +176,7 @@ class Bridge:
         client_id: str,
         persistent_session: bool,
         max_payload_bytes: int,
+        max_push_bytes: int = MAX_PUSH_BYTES,
         max_in_flight: int = 512,
         on_reconnect: Callable[[], None] = lambda: None,
         on_received: Callable[[str], None] = lambda kind: None,
@@ -184,7 +186,8 @@ class Bridge:
         share_group: str | None = None,
     ) -> None:
         """``share_group``: subscribe as a member of this MQTT 5 shared-subscription group, so each
-        inbound message reaches one of the instances."""
+        inbound message reaches one of the instances. ``max_push_bytes``: a poll's reply carries
+        the oldest commands that fit a message of that size (the device polls again for the rest)."""
         self.service = service
         self.share_group = share_group
         self.outbox = outbox
@@ -193,6 +196,7 @@ class Bridge:
         self.client_id = client_id
         self.persistent_session = persistent_session
         self.max_payload_bytes = max_payload_bytes
+        self.max_push_bytes = max_push_bytes
         self.max_in_flight = max_in_flight
         self.on_reconnect = on_reconnect
         self.on_received = on_received
@@ -296,9 +300,15 @@ class Bridge:
         targets = {*await self.service.store.retained_targets(), *await self.service.store.all_open_targets(now)}
         self.outbox.republish(sorted(targets, key=lambda t: (t.app_version, t.endpoint_token, t.command_type)))
 
+    @classmethod
+    def _publish(cls, link: Link, publication: Publication) -> asyncio.Future[None]:
+        return cls._send(link, publication, qos=1)
+
     @staticmethod
-    def _publish(link: Link, publication: Publication) -> asyncio.Future[None]:
-        return link.send(publication.topic, publication.payload, qos=1, retain=publication.retain)
+    def _send(link: Link, publication: Publication, *, qos: int) -> asyncio.Future[None]:
+        """Every message that hands commands to a device passes here, naming them in
+        ``publication.command_ids``: the outbox's pushes and the replies to polls."""
+        return link.send(publication.topic, publication.payload, qos=qos, retain=publication.retain)
 
     async def _receive(self, link: Link, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)  # back-pressure: stop reading when busy
@@ -350,9 +360,13 @@ class Bridge:
                 await self._reply_error(link, error_topic(req.topic), exc, codec, qos)
 
     async def _poll(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
-        items = await cep.poll(self.service, req.target, req.format, payload)
+        commands = await cep.poll_commands(self.service, req.target, req.format, payload)
+        reply = first_message(commands, req.format.codec, self.max_push_bytes)
+        log_left_out(req.target, reply, self.max_push_bytes)
+        chunk = reply.chunks[0]
         # Also without a request ID: KP1 devices poll on connect and read the answer like a push.
-        await self._reply(link, status_topic(req.topic), items, req.format.codec, qos)
+        answer = Publication(topic=status_topic(req.topic), payload=chunk.payload, command_ids=chunk.command_ids)
+        await self._send(link, answer, qos=qos)
 
     async def _results(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
         reply = await cep.results(self.service, req.target, req.format, payload)

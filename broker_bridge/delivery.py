@@ -24,6 +24,9 @@ from broker_bridge.commands import Command, delivery_item
 from broker_bridge.protocol import MAX_ID, encode
 from broker_bridge.topics import Codec
 
+# EMQX refuses packets over 1 MB by default (max_packet_size); this leaves 64 KiB of it for the
+# topic, the MQTT headers and properties. Mosquitto, HiveMQ and VerneMQ accept far more by default.
+MAX_PUSH_BYTES = 960 * 1024
 MSGPACK_FIXARRAY_MAX = 15  # up to here the array header is one byte; then 3 (array16), then 5 (array32)
 MSGPACK_ARRAY16_MAX = 2**16 - 1
 

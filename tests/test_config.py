@@ -72,6 +72,14 @@ def test_delivery_window_reaches_the_service(monkeypatch: pytest.MonkeyPatch) ->
     assert load_settings().limits().max_in_flight_per_target == 1
 
 
+def test_a_push_limit_too_small_for_one_command_is_refused_naming_the_fix() -> None:
+    """max_push_bytes must carry one command of max_payload_bytes plus its envelope in the array."""
+    with pytest.raises(StartupError, match="raise max_push_bytes to at least 1039 or lower max_payload_bytes"):
+        load_settings(max_payload_bytes=1000, max_push_bytes=1038)
+    assert load_settings(max_payload_bytes=1000, max_push_bytes=1039).max_push_bytes == 1039
+    assert load_settings().max_push_bytes == 960 * 1024  # EMQX's default packet limit is 1 MB
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     """A config file that does not exist is an error, not silently ignored."""
     with pytest.raises(StartupError, match="does not exist"):

@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+import structlog.testing
+
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
-from broker_bridge.protocol import ResultItem, encode
+from broker_bridge.protocol import ResultItem, decode, encode
 from broker_bridge.service import CommandService, Limits, utc_now
 from broker_bridge.store.memory import MemoryStore
 from broker_bridge.topics import Codec, Format, Target, TopicScheme
@@ -165,6 +168,7 @@ async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again(
             topic="kp1/app-v1/cex/dev1/command/reboot/status",
             payload=json.dumps([{"id": command.id, "payload": {"seq": 1}}], separators=(",", ":")).encode(),
             retain=True,
+            command_ids=(command.id,),
         )
         assert pushes.reads == 0
 
@@ -257,7 +261,8 @@ async def test_a_device_that_switches_formats_takes_its_retained_list_along() ->
     await outbox.flush(publish)
     plain, packed = "kp1/app-v1/cex/dev1/command/reboot/status", "kp1/app-v1/cex/dev1/command/reboot/msgpack/status"
     listed = [{"id": command.id, "payload": {"seq": 1}}]
-    assert sent == [Publication(topic=plain, payload=encode(listed, Codec.JSON), retain=True)]
+    pushed = Publication(topic=plain, payload=encode(listed, Codec.JSON), retain=True, command_ids=(command.id,))
+    assert sent == [pushed]
     sent.clear()
     assert await service.poll(REBOOT, True, Format.MSGPACK) == (command,)
     restarted = Outbox(service, TopicScheme(), retain=True)  # the announcement was lost with the process
@@ -265,7 +270,7 @@ async def test_a_device_that_switches_formats_takes_its_retained_list_along() ->
     await restarted.flush(publish)
     assert sent == [
         Publication(topic=plain, payload=b"", retain=True),  # an empty retained message deletes the old list
-        Publication(topic=packed, payload=encode(listed, Codec.MSGPACK), retain=True),
+        Publication(topic=packed, payload=encode(listed, Codec.MSGPACK), retain=True, command_ids=(command.id,)),
     ]
     delivery = await service.delivery(REBOOT)
     assert (delivery.retained_format, delivery.retained_elsewhere) == (Format.MSGPACK, None)
@@ -381,3 +386,99 @@ async def test_polls_and_deliveries_are_windowed() -> None:
     assert (await service.delivery(REBOOT)).commands == tuple(made[:2])
     await service.cancel(made[0].id)
     assert await service.poll(REBOOT, None) == tuple(made[1:3])
+
+
+def limited(*, retain: bool, max_push_bytes: int) -> tuple[CommandService, Outbox]:
+    """``wired``, with a push size limit."""
+    service = CommandService(MemoryStore(), retained_pushes=retain)
+    outbox = Outbox(service, TopicScheme(), retain=retain, max_push_bytes=max_push_bytes)
+    service.announcer = outbox
+    return service, outbox
+
+
+class Sent:
+    """Every publication, acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[Publication] = []
+
+    async def publish(self, publication: Publication) -> None:
+        self.sent.append(publication)
+
+
+def list_pushes(sent: list[Publication]) -> list[Publication]:
+    return [p for p in sent if "/command/" in p.topic]
+
+
+async def invoked(service: CommandService, count: int, size: int) -> list[int]:
+    return [(await service.invoke(REBOOT, "x" * size)).id for _ in range(count)]
+
+
+async def test_a_long_list_goes_out_as_several_messages_within_the_limit() -> None:
+    """Five commands of ~100 bytes at a 250-byte limit: arrays of two, two and one, in id order,
+    each naming the commands it carries."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert [[item["id"] for item in json.loads(p.payload)] for p in pushes] == [ids[:2], ids[2:4], ids[4:]]
+    assert [p.command_ids for p in pushes] == [tuple(ids[:2]), tuple(ids[2:4]), tuple(ids[4:])]
+    assert all(len(p.payload) <= 250 and not p.retain for p in pushes)
+    assert {p.topic for p in pushes} == {"kp1/app-v1/cex/dev1/command/reboot/status"}
+
+
+async def test_split_retained_the_oldest_message_is_retained_and_the_rest_follow_it() -> None:
+    """Retained pushes: the first message (oldest commands) is the retained one, the later ones are
+    published after it, not retained; once the oldest are done the next ones are retained."""
+    service, outbox = limited(retain=True, max_push_bytes=250)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert [(p.command_ids, p.retain) for p in pushes] == [
+        (tuple(ids[:2]), True),
+        (tuple(ids[2:4]), False),
+        (tuple(ids[4:]), False),
+    ]
+    wire.sent.clear()
+    await service.report(REBOOT, [ResultItem(id=i, statusCode=200) for i in ids[:2]])
+    await outbox.flush(wire.publish)
+    assert [(p.command_ids, p.retain) for p in list_pushes(wire.sent)] == [(tuple(ids[2:4]), True), ((ids[4],), False)]
+
+
+async def test_a_split_push_sent_at_once_goes_out_whole_in_order() -> None:
+    """The invoke's own push (published before the invoke returns) is split the same way."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    wire = Wire()
+    async with running(outbox, wire.publish):
+        ids = await invoked(service, 3, 100)
+        assert [p.command_ids for p in list_pushes(wire.sent)] == [(ids[0],), tuple(ids[:2]), tuple(ids[:2]), (ids[2],)]
+
+
+async def test_msgpack_lists_are_split_by_their_own_sizes() -> None:
+    """A MessagePack device's list is cut by MessagePack sizes; every message decodes to whole commands."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    await service.poll(REBOOT, True, Format.MSGPACK)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert len(pushes) > 1
+    assert all(len(p.payload) <= 250 and p.topic.endswith("/msgpack/status") for p in pushes)
+    assert [item["id"] for p in pushes for item in decode(p.payload, Codec.MSGPACK)] == ids
+
+
+async def test_a_command_too_large_for_any_message_is_left_out_and_named() -> None:
+    """One command larger than the limit on its own (a CLI invoke, say): the others are pushed, it
+    is not (never a truncated or oversized message), and the log says which and why."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    small = await invoked(service, 1, 10)
+    huge = await invoked(service, 1, 1000)
+    wire = Sent()
+    with structlog.testing.capture_logs() as logs:
+        await outbox.flush(wire.publish)
+    assert [p.command_ids for p in list_pushes(wire.sent)] == [tuple(small)]
+    refused = [e for e in logs if e["event"] == "commands_too_large_to_push"]
+    assert [e["ids"] for e in refused] == [huge]
+    assert "max_push_bytes" in refused[0]["hint"]

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from bench.ports import free_port
 from broker_bridge.config import Settings, load_settings
 from broker_bridge.service import CommandService
-from tests.conftest import MosquittoProcess, free_port, mosquitto_available, skip_or_fail
+from tests.conftest import MosquittoProcess, mosquitto_available, skip_or_fail
 from tests.harness import Probe, make_settings, probe, running_service
 
 TOKEN = "dev1"
@@ -151,3 +152,76 @@ async def test_two_instances_on_postgresql_keep_the_window(
             # An invoke's list is read afresh under the lock here, so it may repeat the window [first].
             handed = listed(device, env.kp1("command/reboot/status"))
             assert [ids for n, ids in enumerate(handed) if n == 0 or handed[n - 1] != ids] == [[i] for i in ids]
+
+
+# -- pushes split at the byte limit -----------------------------------------------------------------
+MAX_PAYLOAD = 1000
+MAX_PUSH = 2500  # room for two of the commands below (each ~920 bytes in its array), not three
+SPLIT = {"max_payload_bytes": MAX_PAYLOAD, "max_push_bytes": MAX_PUSH}
+BIG = "x" * 900
+
+
+def pairs(ids: list[int]) -> list[list[int]]:
+    return [ids[n : n + 2] for n in range(0, len(ids), 2)]
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+async def test_a_long_list_reaches_a_subscribed_device_in_messages_within_the_limit(
+    broker: str, tmp_path: Path, app_version: str
+) -> None:
+    """Six commands of 900 bytes at a 2500-byte limit: the device is handed the list as three
+    messages of two commands, oldest first, none over the limit."""
+    async with started(broker, tmp_path, app_version, **SPLIT) as env:
+        push = env.kp1("command/reboot/status")
+        async with probe(env.port, push) as device, probe(env.port) as admin:
+            ids = await invoke_all(admin, env, 6, BIG)
+            await device.wait_for(lambda s: s.topic == push and ids[-1] in _new_ids(s, []))
+            assert listed(device, push)[-3:] == pairs(ids)  # the last invoke's push, whole
+            assert all(len(s.payload) <= MAX_PUSH for s in device.on(push))
+
+
+@pytest.mark.mosquitto
+async def test_a_device_that_subscribes_later_gets_the_oldest_message_retained_then_the_rest(
+    tmp_path: Path, app_version: str
+) -> None:
+    """Retained pushes split: only the first message (the oldest commands) is retained. A device
+    that subscribes afterwards gets it at once; each report pushes the list again, so the next
+    commands follow, the oldest of them retained again."""
+    async with started("mosquitto", tmp_path, app_version, **SPLIT) as env:
+        push = env.kp1("command/reboot/status")
+        async with probe(env.port) as admin:
+            ids = await invoke_all(admin, env, 6, BIG)
+        async with probe(env.port, push) as device:
+            first = await device.wait_topic(push)
+            assert (first.retain, [item["id"] for item in first.json()]) == (True, ids[:2])
+            results = [{"id": i, "statusCode": 200} for i in ids[:2]]
+            assert (await device.request(env.kp1("result/reboot/1"), results)).json()["statusCode"] == 200
+            await device.wait_for(lambda s: s.topic == push and ids[-1] in _new_ids(s, []))
+            assert listed(device, push) == pairs(ids)
+        async with probe(env.port, push) as late:
+            retained = await late.wait_topic(push)
+            assert (retained.retain, [item["id"] for item in retained.json()]) == (True, ids[2:4])
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+async def test_an_mqtt_poll_reply_carries_the_oldest_that_fit_and_http_all(
+    broker: str, tmp_path: Path, app_version: str
+) -> None:
+    """An MQTT poll is answered with the oldest commands that fit max_push_bytes (the device polls
+    again after reporting them); the HTTP binding answers with the whole list."""
+    import httpx
+
+    async with started(broker, tmp_path, app_version, **SPLIT) as env:
+        async with probe(env.port, env.kp1("command/reboot/9/status")) as device, probe(env.port) as admin:
+            ids = await invoke_all(admin, env, 5, BIG)
+            answer = await device.request(env.kp1("command/reboot/9"), {})
+            assert [item["id"] for item in answer.json()] == ids[:2]
+            assert len(answer.payload) <= MAX_PUSH
+            results = [{"id": i, "statusCode": 200} for i in ids[:2]]
+            assert (await device.request(env.kp1("result/reboot/1"), results)).json()["statusCode"] == 200
+            again = await device.request(env.kp1("command/reboot/10"), {})
+            assert [item["id"] for item in again.json()] == ids[2:4]
+        url = f"http://{env.settings.http_listen}/kp1/{env.av}/cex/{TOKEN}/command/reboot"
+        async with httpx.AsyncClient() as http:
+            polled = await http.post(url, json={})
+        assert [item["id"] for item in polled.json()] == ids[2:]
