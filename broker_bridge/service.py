@@ -47,7 +47,8 @@ class Announcer(Protocol):
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         """A target's outstanding list changed: a command was added (or the device reappeared,
         ``added=True``) or one left it (``added=False``). The bridge decides what to push;
-        ``delivery``, when given, is the list as the change committed it (no need to read it again)."""
+        ``delivery``, when given, is the list as the change committed it, in its delivery window (no
+        need to read it again). A command added behind a full window is not announced here."""
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         """These commands expired; their records are fetched when their events are published."""
