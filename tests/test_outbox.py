@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -482,3 +483,31 @@ async def test_a_command_too_large_for_any_message_is_left_out_and_named() -> No
     refused = [e for e in logs if e["event"] == "commands_too_large_to_push"]
     assert [e["ids"] for e in refused] == [huge]
     assert "max_push_bytes" in refused[0]["hint"]
+
+
+async def test_a_split_push_refused_half_way_is_queued_whole_and_nothing_is_left_unawaited() -> None:
+    """The first message went out, the second was refused at once (the connection dropped): the
+    invoke succeeds, the target is pushed again by the loop, and the first message's failure later
+    is taken (asyncio reports no unretrieved exception once the future is gone)."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    out: list[asyncio.Future[None]] = []
+
+    def half_way(publication: Publication) -> asyncio.Future[None]:
+        if out:
+            raise ConnectionError("not connected")
+        out.append(asyncio.get_running_loop().create_future())
+        return out[0]
+
+    await invoked(service, 2, 100)  # not running: queued, then forgotten for this test
+    outbox._dirty.clear()
+    outbox._live = half_way
+    unretrieved: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+    await service.invoke(REBOOT, "x" * 100)
+    assert len(out) == 1
+    assert list(outbox._dirty) == [REBOOT]
+    out.pop().set_exception(ConnectionError("lost"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    gc.collect()
+    assert unretrieved == []
