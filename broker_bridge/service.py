@@ -18,7 +18,6 @@ import structlog
 
 from broker_bridge import commands
 from broker_bridge.commands import Command, NewCommand, Report
-from broker_bridge.delivery import window
 from broker_bridge.devices import Device, resolve
 from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, StoreUnavailable
 from broker_bridge.protocol import ResultItem, check_document
@@ -216,7 +215,11 @@ class CommandService:
         limit = self.limits.max_outstanding_per_endpoint
         try:
             created = await self.store.submit(
-                new, max_open=limit, mark_retained=self.retained_pushes, with_delivery=self.committed_lists
+                new,
+                max_open=limit,
+                mark_retained=self.retained_pushes,
+                with_delivery=self.committed_lists,
+                window=self.limits.max_in_flight_per_target,
             )
         except Conflict:  # the same idempotency key, concurrently (a store with several writers)
             assert new.idempotency_key is not None
@@ -226,7 +229,7 @@ class CommandService:
             return _same_request(found, new)
         if created.created:
             log.debug("command_invoked", id=created.command.id, target=_key(new.target))
-            delivery = None if created.delivery is None else self._windowed(created.delivery)
+            delivery = created.delivery
             # Queued behind the window: what the device is handed has not changed, nothing to push.
             queued = delivery is not None and all(c.id != created.command.id for c in delivery.commands)
             self._announce(created.command, added=None if queued else True, delivery=delivery)
@@ -280,10 +283,10 @@ class CommandService:
         flag and format."""
         await self.registry.admit(target.app_version, target.endpoint_token)
         self._saw(target)
-        polled = await self.store.poll(target, self.clock(), observe, fmt)
+        polled = await self.store.poll(target, self.clock(), observe, fmt, self.limits.max_in_flight_per_target)
         if polled.moved:  # the device switched formats: its retained list must follow it
             self.announcer.outstanding_changed(target, added=True)
-        return window(polled.commands, self.limits.max_in_flight_per_target)
+        return polled.commands
 
     async def report(self, target: Target, results: Sequence[ResultItem]) -> list[ReportOutcome]:
         """Apply a device's results in order; each refused one carries its error."""
@@ -324,18 +327,11 @@ class CommandService:
         return len(seen)
 
     async def delivery(self, target: Target) -> Delivery:
-        """What to push to a target: its outstanding commands in its window."""
-        return self._windowed(await self.store.delivery(target, self.clock()))
+        """What to push to a target: its outstanding commands in its window (the rest are not read)."""
+        return await self.store.delivery(target, self.clock(), self.limits.max_in_flight_per_target)
 
     async def deliveries(self, targets: Sequence[Target]) -> list[Delivery]:
-        return [self._windowed(d) for d in await self.store.deliveries(targets, self.clock())]
-
-    def _windowed(self, delivery: Delivery) -> Delivery:
-        """Only the oldest ``max_in_flight_per_target`` commands; the rest wait for them to finish."""
-        limit = self.limits.max_in_flight_per_target
-        if limit is None or len(delivery.commands) <= limit:
-            return delivery
-        return dataclasses.replace(delivery, commands=window(delivery.commands, limit))
+        return await self.store.deliveries(targets, self.clock(), self.limits.max_in_flight_per_target)
 
     async def endpoint_seen(self, app_version: str, endpoint_token: str) -> None:
         """A device (re)appeared: push everything outstanding for it."""

@@ -123,9 +123,9 @@ class Pushes:
             self.reads += 1
             return await real_delivery(*args)
 
-        async def deliveries(targets: Any, now: Any) -> Any:
+        async def deliveries(targets: Any, *args: Any) -> Any:
             self.reads += len(targets)
-            return await real_deliveries(targets, now)
+            return await real_deliveries(targets, *args)
 
         store.delivery, store.deliveries = delivery, deliveries
 
