@@ -94,14 +94,14 @@ def _new_ids(seen: Any, done: list[int]) -> list[int]:
     return [item["id"] for item in (seen.json() if seen.payload else []) if item["id"] not in done]
 
 
-@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+@pytest.mark.parametrize(("broker", "retain"), [("embedded", None), ("mosquitto", None), ("mosquitto", False)])
 async def test_a_window_of_one_runs_five_commands_strictly_in_order(
-    broker: str, tmp_path: Path, app_version: str
+    broker: str, retain: bool | None, tmp_path: Path, app_version: str
 ) -> None:
     """max_in_flight_per_target = 1: five commands invoked at once reach a slow device one at a
     time, each only after the previous one's result, in invoke order (non-retained pushes on the
-    embedded broker, retained ones on Mosquitto)."""
-    async with started(broker, tmp_path, app_version, max_in_flight_per_target=1) as env:
+    embedded broker; on Mosquitto retained ones, the default there, and non-retained ones)."""
+    async with started(broker, tmp_path, app_version, max_in_flight_per_target=1, retain_pushes=retain) as env:
         async with probe(env.port, env.kp1("command/reboot/status")) as device, probe(env.port) as admin:
             ids = await invoke_all(admin, env, 5)
             assert await run_slowly(device, env, 5) == ids
