@@ -25,8 +25,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from broker_bridge import cep, protocol
 from broker_bridge.commands import to_record
 from broker_bridge.config import BrokerAddress
+from broker_bridge.delivery import MAX_PUSH_BYTES, first_message
 from broker_bridge.errors import BridgeError, PayloadTooLarge, StoreUnavailable
-from broker_bridge.outbox import Outbox, Publication
+from broker_bridge.outbox import Outbox, Publication, log_left_out
 from broker_bridge.paho_io import BufferedReads, BufferedWrites
 from broker_bridge.service import CommandService
 from broker_bridge.topics import (
@@ -65,6 +66,16 @@ class Delivered:
     sender: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Whom to tell that a message handing commands to a device reached one of its sessions
+    (``sent``) and that the device acknowledged it (``delivered``). Only the embedded broker can
+    tell; an external broker says nothing about who received a publish."""
+
+    sent: Callable[[], None]
+    delivered: Callable[[], None]
+
+
 class Link(Protocol):
     """The bridge's session with a broker: an MQTT connection (``MqttLink``), or in-process with
     the embedded broker (``broker.InProcessLink``). Failures are ``aiomqtt.MqttError``s."""
@@ -73,8 +84,11 @@ class Link(Protocol):
 
     def messages(self) -> AsyncIterator[Delivered]: ...
 
-    def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
-        """Publish; the future resolves once the broker has the message (see ``send`` below)."""
+    def send(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, receipt: Receipt | None = None
+    ) -> asyncio.Future[None]:
+        """Publish; the future resolves once the broker has the message (see ``send`` below).
+        ``receipt`` is told of the message's deliveries, where the broker can tell."""
         ...
 
     def ack(self, message: Delivered) -> None:
@@ -156,8 +170,10 @@ class MqttLink:
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
             yield Delivered(message.topic.value, payload, message.qos, message.mid, sender=_declared_sender(message))
 
-    def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
-        return send(self.client, topic, payload, qos=qos, retain=retain)
+    def send(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, receipt: Receipt | None = None
+    ) -> asyncio.Future[None]:
+        return send(self.client, topic, payload, qos=qos, retain=retain)  # an external broker tells nothing
 
     def ack(self, message: Delivered) -> None:
         if message.qos > 0:
@@ -178,6 +194,7 @@ class Bridge:
         client_id: str,
         persistent_session: bool,
         max_payload_bytes: int,
+        max_push_bytes: int = MAX_PUSH_BYTES,
         max_in_flight: int = 512,
         on_reconnect: Callable[[], None] = lambda: None,
         on_received: Callable[[str], None] = lambda kind: None,
@@ -187,7 +204,8 @@ class Bridge:
         share_group: str | None = None,
     ) -> None:
         """``share_group``: subscribe as a member of this MQTT 5 shared-subscription group, so each
-        inbound message reaches one of the instances."""
+        inbound message reaches one of the instances. ``max_push_bytes``: a poll's reply carries
+        the oldest commands that fit a message of that size (the device polls again for the rest)."""
         self.service = service
         self.share_group = share_group
         self.outbox = outbox
@@ -196,6 +214,7 @@ class Bridge:
         self.client_id = client_id
         self.persistent_session = persistent_session
         self.max_payload_bytes = max_payload_bytes
+        self.max_push_bytes = max_push_bytes
         self.max_in_flight = max_in_flight
         self.on_reconnect = on_reconnect
         self.on_received = on_received
@@ -300,9 +319,19 @@ class Bridge:
         targets = {*await self.service.store.retained_targets(), *await self.service.store.all_open_targets(now)}
         self.outbox.republish(sorted(targets, key=lambda t: (t.app_version, t.endpoint_token, t.command_type)))
 
-    @staticmethod
-    def _publish(link: Link, publication: Publication) -> asyncio.Future[None]:
-        return link.send(publication.topic, publication.payload, qos=1, retain=publication.retain)
+    def _publish(self, link: Link, publication: Publication) -> asyncio.Future[None]:
+        return self._send(link, publication, qos=1)
+
+    def _send(self, link: Link, publication: Publication, *, qos: int) -> asyncio.Future[None]:
+        """Every message that hands commands to a device passes here, naming them in
+        ``publication.command_ids``: the outbox's pushes and the replies to polls. Where the broker
+        tells (embedded), their sentAt and deliveredAt follow from its deliveries."""
+        receipt = None
+        if ids := publication.command_ids:
+            receipt = Receipt(
+                sent=lambda: self.service.handed(ids), delivered=lambda: self.service.handed(ids, received=True)
+            )
+        return link.send(publication.topic, publication.payload, qos=qos, retain=publication.retain, receipt=receipt)
 
     async def _receive(self, link: Link, tasks: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.max_in_flight)  # back-pressure: stop reading when busy
@@ -365,9 +394,15 @@ class Bridge:
                 await self._reply_error(link, error_topic(req.topic), exc, codec, qos)
 
     async def _poll(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
-        items = await cep.poll(self.service, req.target, req.format, payload)
+        commands = await cep.poll_commands(self.service, req.target, req.format, payload)
+        reply = first_message(commands, req.format.codec, self.max_push_bytes)
+        log_left_out(req.target, reply, self.max_push_bytes)
+        chunk = reply.chunks[0]
         # Also without a request ID: KP1 devices poll on connect and read the answer like a push.
-        await self._reply(link, status_topic(req.topic), items, req.format.codec, qos)
+        answer = Publication(topic=status_topic(req.topic), payload=chunk.payload, command_ids=chunk.command_ids)
+        await self._send(link, answer, qos=qos)
+        # The device is there (it just asked): handing the reply to the broker hands it to the device.
+        self.service.handed(chunk.command_ids)
 
     async def _results(self, link: Link, req: DeviceRequest, payload: bytes, qos: int) -> None:
         reply = await cep.results(self.service, req.target, req.format, payload)

@@ -27,16 +27,18 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import IncomingApplicationMessage, Session
 
-from broker_bridge.bridge import Delivered
+from broker_bridge.bridge import Delivered, Receipt
 from broker_bridge.broker_acks import AckHolder, DeferredAck
 from broker_bridge.broker_auth import (
     PRINCIPAL,
+    RECEIPT,
     Access,
     AccessControl,
     GuardedBroker,
     LoginPlugin,
     Principal,
     TopicAclPlugin,
+    note_delivery,
     principal_of,
     screen,
 )
@@ -84,7 +86,7 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         self._links: dict[str, _Link] = {}
         self._by_endpoint: dict[_Endpoint, set[str]] = {}  # endpoint -> client ids whose link delivers it
         self._present: dict[_Endpoint, set[str]] = {}  # endpoint -> client ids of live links that spoke for it
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     async def on_broker_message_broadcast(self, *, client_id: str, message: Any) -> None:
@@ -184,10 +186,13 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
         return found
 
     def _deliver_reply(self, levels: list[str], topic: str, data: bytes) -> None:
+        receipt = RECEIPT.get()  # a poll's reply of the bridge's: it hands the device commands
         for client_id in list(self._by_endpoint.get((levels[1], levels[3]), ())):
             link = self._links[client_id]
             if not self._subscribed(client_id, topic) and self._may_read(link, topic):
-                self._spawn(self._send(link.handler, topic, data))
+                sending = self._spawn(self._send(link.handler, topic, data))
+                if receipt is not None and sending is not None:
+                    note_delivery(receipt, sending, _QOS_1)
 
     def _may_read(self, link: _Link, topic: str) -> bool:
         # This delivery bypasses amqtt's routing and so its ACL check; links are keyed by client id, and a
@@ -203,15 +208,16 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
             for held, _ in subscriptions.get(topic_filter, ())
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, bool | None]) -> asyncio.Task[Any] | None:
         # The broker waits for its own plugin event tasks on shutdown; a slow callback must not stall it,
         # so these run in tasks we own and cancel in close().
         if self._closing:
             coro.close()
-            return
+            return None
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _notify(self, endpoint: _Endpoint) -> None:
         try:
@@ -220,13 +226,16 @@ class _Kp1DeliveryPlugin(BasePlugin):  # type: ignore[misc]  # amqtt ships no ty
             _log.exception("on_endpoint_seen failed for %s/%s", *endpoint)
 
     @staticmethod
-    async def _send(handler: Any, topic: str, data: bytes) -> None:
+    async def _send(handler: Any, topic: str, data: bytes) -> bool:
+        """Deliver and wait for the PUBACK; False if the client did not take it."""
         try:
             # amqtt 0.12.1 internal: BrokerProtocolHandler.mqtt_publish, the call the broker's own routing
             # makes; it waits for the PUBACK, which is why it runs in a task of its own.
             await handler.mqtt_publish(topic, data, _QOS_1, retain=False)
         except Exception as exc:  # a vanished or silent client must not hurt the broker
             _log.warning("direct reply delivery failed: %r", exc)
+            return False
+        return True
 
 
 class LinkClosed(aiomqtt.MqttError):
@@ -302,7 +311,7 @@ class InProcessLink:
         self._session.attributes[PRINCIPAL] = principal  # the ACL plugin lets the bridge do anything
         self._session.transitions.connect()
         self._sink = _Sink()
-        self._outgoing: deque[tuple[IncomingApplicationMessage, asyncio.Future[None]]] = deque()
+        self._outgoing: deque[tuple[IncomingApplicationMessage, asyncio.Future[None], Receipt | None]] = deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         broker._sessions[client_id] = (self._session, self._sink)  # amqtt internal: client_id -> (Session, handler)
@@ -327,8 +336,11 @@ class InProcessLink:
         self._sink.inbox.put_nowait(None)  # for any other reader
         raise LinkClosed("the embedded broker closed the bridge's session")
 
-    def send(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> asyncio.Future[None]:
-        """Queue a publish; it is routed in call order and the future resolves once it is."""
+    def send(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, receipt: Receipt | None = None
+    ) -> asyncio.Future[None]:
+        """Queue a publish; it is routed in call order and the future resolves once it is.
+        ``receipt``: told as the broker hands it to a device's session and the device acknowledges."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._sink.closed or self._worker is None:
             future.set_exception(LinkClosed("the embedded broker closed the bridge's session"))
@@ -336,7 +348,7 @@ class InProcessLink:
         message = IncomingApplicationMessage(None, topic, qos, payload, retain)
         # amqtt reads the retain flag from the packet the message came in.
         message.publish_packet = PublishPacket.build(topic, payload, None, False, qos, retain)
-        self._outgoing.append((message, future))
+        self._outgoing.append((message, future, receipt))
         self._wake.set()
         return future
 
@@ -350,12 +362,16 @@ class InProcessLink:
             await self._wake.wait()
             self._wake.clear()
             while self._outgoing:
-                message, future = self._outgoing[0]
+                message, future, receipt = self._outgoing[0]
                 decoded = loop.create_future()  # what amqtt's client loop hands over: the decoded message
                 decoded.set_result(message)
                 try:
                     # amqtt 0.12.1 internal: what Broker._client_message_loop calls for a client's PUBLISH.
-                    routed = await self._broker._handle_message_delivery(self._session, self._sink, decoded)
+                    token = RECEIPT.set(receipt)
+                    try:
+                        routed = await self._broker._handle_message_delivery(self._session, self._sink, decoded)
+                    finally:
+                        RECEIPT.reset(token)
                 except Exception as exc:  # a failing plugin must cost this publish only
                     routed = False
                     _log.warning("in-process publish to %s failed: %r", message.topic, exc)
@@ -379,7 +395,7 @@ class InProcessLink:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         while self._outgoing:
-            _, future = self._outgoing.popleft()
+            _, future, _ = self._outgoing.popleft()
             if not future.done():
                 future.set_exception(LinkClosed("the embedded broker closed the bridge's session"))
         client_id = self._session.client_id

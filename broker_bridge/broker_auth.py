@@ -554,6 +554,30 @@ def _literal_head(topic_filter: str) -> str:
 
 # The PUBACK of the message the current client loop is routing (a task's context is its own).
 _ROUTING: contextvars.ContextVar[DeferredAck | None] = contextvars.ContextVar("routing", default=None)
+# The bridge's ``bridge.Receipt`` for the message its in-process session is routing, if it hands
+# commands to a device: told when a device session is handed it, and when that device PUBACKs it.
+# Plugin events see it too (amqtt runs them in tasks, which copy the context).
+RECEIPT: contextvars.ContextVar[Any] = contextvars.ContextVar("receipt", default=None)
+
+
+def names_endpoint(topic_filter: str) -> bool:
+    """Whether a subscription names one endpoint (kp1/{av}/{ext}/{token}/...): a device's own, not a
+    monitor's wildcard over many devices, whose receiving a push proves nothing."""
+    levels = topic_filter.split("/")
+    return len(levels) > 3 and all(level not in ("+", "#", "") for level in (levels[1], levels[3]))
+
+
+def note_delivery(receipt: Any, sending: asyncio.Future[Any], qos: int) -> None:
+    """Handed to a device's session now; with QoS 1 or 2, delivered once it acknowledges."""
+    receipt.sent()
+    if qos > 0:
+        sending.add_done_callback(lambda done: _delivered(receipt, done))
+
+
+def _delivered(receipt: Any, done: asyncio.Future[Any]) -> None:
+    # False: the reply delivery of broker.py that failed (it says so in its result, not by raising).
+    if not done.cancelled() and done.exception() is None and done.result() is not False:
+        receipt.delivered()
 
 
 class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
@@ -587,6 +611,8 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         if (ack := _ROUTING.get()) is not None:
             ack.hold()  # released once the broadcast has reached every subscriber
             broadcast["ack"] = ack
+        if (receipt := RECEIPT.get()) is not None:
+            broadcast["receipt"] = receipt
         await self._broadcast_queue.put(broadcast)
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
@@ -622,8 +648,10 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
                 if isinstance(handler, AckHolder):
                     handler.take(topic, bytes(broadcast["data"]), qos, ack, sender)  # at once: keeps routing order
                 elif handler:
-                    send = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
-                    running_tasks.append(asyncio.ensure_future(send))
+                    sending = asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
+                    if (receipt := broadcast.get("receipt")) is not None and names_endpoint(topic_filter):
+                        note_delivery(receipt, sending, qos)
+                    running_tasks.append(sending)
 
     def _matches(self, topic: str, a_filter: str) -> bool:
         # amqtt routes every message by testing it against every subscription filter (10% of the

@@ -6,16 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from broker_bridge import protocol
-from broker_bridge.commands import delivery_item
+from broker_bridge.commands import Command, delivery_item
 from broker_bridge.service import CommandService
 from broker_bridge.store import ReportOutcome
 from broker_bridge.topics import Format, Target
 
 
 async def poll(service: CommandService, target: Target, fmt: Format, body: bytes) -> list[dict[str, Any]]:
-    """The outstanding-command array a poll is answered with."""
+    """The outstanding-command array a poll is answered with (in the delivery window; the HTTP
+    binding has no message size limit)."""
+    return [delivery_item(c) for c in await poll_commands(service, target, fmt, body)]
+
+
+async def poll_commands(service: CommandService, target: Target, fmt: Format, body: bytes) -> tuple[Command, ...]:
+    """The commands a poll hands out, for a transport that encodes them itself (MQTT: bounded)."""
     request = protocol.parse_poll(body, fmt.codec)
-    return [delivery_item(c) for c in await service.poll(target, request.observe, fmt)]
+    return await service.poll(target, request.observe, fmt)
 
 
 async def results(service: CommandService, target: Target, fmt: Format, body: bytes) -> dict[str, Any]:

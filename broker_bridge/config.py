@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,6 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker_bridge.delivery import MAX_PUSH_BYTES, envelope_bytes
 from broker_bridge.errors import StartupError
 from broker_bridge.keys import names
 from broker_bridge.registry import RegistryMode
@@ -84,7 +85,9 @@ class Settings(BaseSettings):
     retention_s: float = Field(default=30 * DAY_S, gt=0)
     sweep_interval_s: float = Field(default=1.0, gt=0)
     max_payload_bytes: int = Field(default=256 * 1024, gt=0)
+    max_push_bytes: int = Field(default=MAX_PUSH_BYTES, gt=0)  # one push message at most (EMQX: 1 MB)
     max_outstanding_per_endpoint: int = Field(default=1000, gt=0)
+    max_in_flight_per_target: int | None = Field(default=None, gt=0)  # None: the whole list (Kaa)
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     topics: TopicSettings = TopicSettings()
@@ -113,6 +116,17 @@ class Settings(BaseSettings):
         if value is not None:
             parse_broker_url(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_command_fits_a_push(self) -> Settings:
+        needed = self.max_payload_bytes + envelope_bytes()
+        if self.max_push_bytes < needed:
+            raise ValueError(
+                f"max_push_bytes ({self.max_push_bytes}) cannot carry one command of max_payload_bytes "
+                f"({self.max_payload_bytes}) in its push array ({needed} bytes with the {envelope_bytes()}-byte "
+                f"envelope): raise max_push_bytes to at least {needed} or lower max_payload_bytes"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -193,6 +207,7 @@ class Settings(BaseSettings):
             max_ttl_s=self.max_ttl_s,
             retention_s=self.retention_s,
             max_outstanding_per_endpoint=self.max_outstanding_per_endpoint,
+            max_in_flight_per_target=self.max_in_flight_per_target,
         )
 
 

@@ -147,12 +147,17 @@ def decode(data: bytes, codec: Codec) -> Any:
     return value
 
 
+# json.dumps with options builds an encoder per call: a third of the cost of a small document
+# (measured: 2.6 against 1.8 us for a push item; a push encodes each command's item on its own).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(value: Any, codec: Codec) -> bytes:
     """Encode a JSON-like document."""
     if codec is Codec.MSGPACK:
         packed: bytes = msgpack.packb(value, use_bin_type=True)
         return packed
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _JSON.encode(value).encode("utf-8")
 
 
 # -- bodies ------------------------------------------------------------------------------------

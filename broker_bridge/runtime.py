@@ -102,7 +102,13 @@ async def build_service(settings: Settings, *, serving: bool = False) -> AsyncIt
             retained_pushes=settings.retain,
             committed_lists=locks is None,
         )
-        outbox = Outbox(service, settings.topics.scheme(), retain=settings.retain, locks=locks)
+        outbox = Outbox(
+            service,
+            settings.topics.scheme(),
+            retain=settings.retain,
+            locks=locks,
+            max_push_bytes=settings.max_push_bytes,
+        )
         live = LiveEvents()
         service.announcer = Announcers(outbox, metrics, live)
         if postgres is not None:
@@ -206,6 +212,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             persistent_session=not settings.embedded,
             mqtt5=settings.use_mqtt5,
             max_payload_bytes=settings.max_payload_bytes,
+            max_push_bytes=settings.max_push_bytes,
             on_reconnect=metrics.reconnects.inc,
             on_received=metrics.count_received,
             on_refused=metrics.refused.inc,

@@ -46,7 +46,8 @@ class Announcer(Protocol):
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:
         """A target's outstanding list changed: a command was added (or the device reappeared,
         ``added=True``) or one left it (``added=False``). The bridge decides what to push;
-        ``delivery``, when given, is the list as the change committed it (no need to read it again)."""
+        ``delivery``, when given, is the list as the change committed it, in its delivery window (no
+        need to read it again). A command added behind a full window is not announced here."""
 
     def commands_expired(self, expired: Sequence[tuple[int, Target]]) -> None:
         """These commands expired; their records are fetched when their events are published."""
@@ -102,6 +103,8 @@ class Limits:
     max_ttl_s: float = 30 * DAY_S
     retention_s: float = 30 * DAY_S
     max_outstanding_per_endpoint: int = 1000
+    # Commands handed out per target at once, oldest first (None: every outstanding one, as Kaa).
+    max_in_flight_per_target: int | None = None
 
 
 PRESENCE_RETRY_S = 1.0  # a presence write the store refused is tried again after this long
@@ -255,7 +258,11 @@ class CommandService:
         limit = self.limits.max_outstanding_per_endpoint
         try:
             created = await self.store.submit(
-                new, max_open=limit, mark_retained=self.retained_pushes, with_delivery=self.committed_lists
+                new,
+                max_open=limit,
+                mark_retained=self.retained_pushes,
+                with_delivery=self.committed_lists,
+                window=self.limits.max_in_flight_per_target,
             )
         except Conflict:  # the same idempotency key, concurrently (a store with several writers)
             assert new.idempotency_key is not None
@@ -265,7 +272,10 @@ class CommandService:
             return _same_request(found, new)
         if created.created:
             log.debug("command_invoked", id=created.command.id, target=_key(new.target))
-            self._announce(created.command, added=True, delivery=created.delivery)
+            delivery = created.delivery
+            # Queued behind the window: what the device is handed has not changed, nothing to push.
+            queued = delivery is not None and all(c.id != created.command.id for c in delivery.commands)
+            self._announce(created.command, added=None if queued else True, delivery=delivery)
             return created.command
         return _same_request(created.command, new)
 
@@ -312,10 +322,11 @@ class CommandService:
 
     # -- device side --------------------------------------------------------------------------
     async def poll(self, target: Target, observe: bool | None, fmt: Format = Format.PLAIN) -> tuple[Command, ...]:
-        """Every outstanding command of a target; remembers the observe flag and format."""
+        """The outstanding commands of a target in its window (oldest first); remembers the observe
+        flag and format."""
         await self.registry.admit(target.app_version, target.endpoint_token)
         self._saw(target)
-        polled = await self.store.poll(target, self.clock(), observe, fmt)
+        polled = await self.store.poll(target, self.clock(), observe, fmt, self.limits.max_in_flight_per_target)
         if polled.moved:  # the device switched formats: its retained list must follow it
             self.announcer.outstanding_changed(target, added=True)
         return polled.commands
@@ -410,10 +421,11 @@ class CommandService:
             await asyncio.shield(self._presence_writer)
 
     async def delivery(self, target: Target) -> Delivery:
-        return await self.store.delivery(target, self.clock())
+        """What to push to a target: its outstanding commands in its window (the rest are not read)."""
+        return await self.store.delivery(target, self.clock(), self.limits.max_in_flight_per_target)
 
     async def deliveries(self, targets: Sequence[Target]) -> list[Delivery]:
-        return await self.store.deliveries(targets, self.clock())
+        return await self.store.deliveries(targets, self.clock(), self.limits.max_in_flight_per_target)
 
     async def endpoint_seen(self, app_version: str, endpoint_token: str) -> None:
         """A device (re)appeared: push everything outstanding for it."""

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -266,14 +267,14 @@ async def test_in_process_session_restarts_after_a_refused_publish(
     send, refused = InProcessLink.send, []
 
     def refuse_first_event(
-        self: InProcessLink, topic: str, payload: bytes, *, qos: int, retain: bool = False
+        self: InProcessLink, topic: str, payload: bytes, *, qos: int, retain: bool = False, receipt: Any = None
     ) -> asyncio.Future[None]:
         if topic.startswith("cex/events/") and not refused:
             refused.append(topic)
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_exception(aiomqtt.MqttError("refused by the test"))
             return future
-        return send(self, topic, payload, qos=qos, retain=retain)
+        return send(self, topic, payload, qos=qos, retain=retain, receipt=receipt)
 
     monkeypatch.setattr(InProcessLink, "send", refuse_first_event)
     port = free_port()

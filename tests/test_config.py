@@ -56,12 +56,28 @@ def test_external_broker_url() -> None:
         ({"broker_url": "http://x"}, "mqtt://"),
         ({"default_ttl_s": -1}, "default_ttl_s"),
         ({"log_format": "xml"}, "log_format"),
+        ({"max_in_flight_per_target": 0}, "max_in_flight_per_target"),
     ],
 )
 def test_bad_settings_name_the_problem(overrides: dict[str, object], words: str) -> None:
     """Invalid settings stop start-up with a message naming the setting."""
     with pytest.raises(StartupError, match=words):
         load_settings(**overrides)
+
+
+def test_delivery_window_reaches_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset by default (the whole list, as Kaa); from the environment into the service's limits."""
+    assert load_settings().limits().max_in_flight_per_target is None
+    monkeypatch.setenv("BROKER_BRIDGE_MAX_IN_FLIGHT_PER_TARGET", "1")
+    assert load_settings().limits().max_in_flight_per_target == 1
+
+
+def test_a_push_limit_too_small_for_one_command_is_refused_naming_the_fix() -> None:
+    """max_push_bytes must carry one command of max_payload_bytes plus its envelope in the array."""
+    with pytest.raises(StartupError, match="raise max_push_bytes to at least 1039 or lower max_payload_bytes"):
+        load_settings(max_payload_bytes=1000, max_push_bytes=1038)
+    assert load_settings(max_payload_bytes=1000, max_push_bytes=1039).max_push_bytes == 1039
+    assert load_settings().max_push_bytes == 960 * 1024  # EMQX's default packet limit is 1 MB
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -154,6 +154,34 @@ async def test_http_poll_and_mqtt_report_prove_delivery(env: Env) -> None:
     assert (final["state"], final["delivered_at"]) == ("SUCCESS", progress["delivered_at"])
 
 
+async def test_embedded_push_is_sent_and_delivered_by_the_devices_puback(env: Env) -> None:
+    """A push handed to the device's own session sets sentAt, its PUBACK deliveredAt; a monitor
+    watching every device's pushes proves nothing; a poll reply to a device that never subscribed
+    is delivered the same way."""
+    await env.register()
+    async with probe(env.mqtt_port, f"kp1/{env.av}/cex/+/command/#"):
+        watched = await env.invoke()
+        await asyncio.sleep(1.5)  # past a flush: nothing was written for the monitor
+        assert (await env.execution(watched))["sent_at"] is None
+    async with probe(env.mqtt_port, env.topic("command/reboot/status")) as device:
+        await device.wait_topic(env.topic("command/reboot/status"))  # the reconnect push: both commands
+        pushed = await env.invoke()
+        for execution_id in (watched, pushed):
+            found = await eventually(
+                lambda e=execution_id: env.execution(e), lambda e: e["delivered_at"] is not None, "delivered"
+            )
+            assert found["sent_at"] is not None
+            assert found["sent_at"] <= found["delivered_at"]
+    await env.register("kaa", "kaa-token")
+    polled = await env.invoke("kaa")
+    async with probe(env.mqtt_port) as kaa_device:  # never subscribes: the reply comes to it anyway
+        await kaa_device.publish(env.topic("command/reboot/5", token="kaa-token"), {})
+        found = await eventually(
+            lambda: env.execution(polled, "kaa"), lambda e: e["delivered_at"] is not None, "delivered"
+        )
+        assert found["sent_at"] <= found["delivered_at"]
+
+
 # -- deviceSeen and invokedBy ---------------------------------------------------------------------
 async def test_device_seen_warns_of_an_endpoint_never_heard_from(env: Env) -> None:
     """Invoking for a token nobody ever used still works (Kaa allows it) but says so in the reply,
@@ -230,6 +258,17 @@ async def test_external_presence_from_birth_and_last_will(
             assert down.json()["at"] > up.json()["at"]
         assert (await env.device())["connected"] is False
         assert (await env.device("silent"))["connected"] is None
+
+        # A push on an external broker proves nothing (nobody says who got it); a poll's reply is
+        # handed to the device that asked.
+        pushed = await env.invoke()
+        async with probe(mosquitto.port, env.topic("command/reboot/status")) as subscriber:
+            await subscriber.wait_topic(env.topic("command/reboot/status"))
+            await asyncio.sleep(1.5)  # past a flush
+            assert (await env.execution(pushed))["sent_at"] is None
+            await subscriber.request(env.topic("command/reboot/9"), {})
+        found = await eventually(lambda: env.execution(pushed), lambda e: e["sent_at"] is not None, "sent")
+        assert found["delivered_at"] is None
 
         properties = Properties(PacketTypes.PUBLISH)
         properties.UserProperty = [("invoked-by", "night-shift")]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import structlog
+import structlog.testing
 
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication
-from broker_bridge.protocol import ResultItem, encode
-from broker_bridge.service import CommandService, Limits
+from broker_bridge.protocol import ResultItem, decode, encode
+from broker_bridge.service import CommandService, Limits, utc_now
 from broker_bridge.store.memory import MemoryStore
 from broker_bridge.topics import Codec, Format, Target, TopicScheme
 
@@ -118,9 +123,9 @@ class Pushes:
             self.reads += 1
             return await real_delivery(*args)
 
-        async def deliveries(targets: Any, now: Any) -> Any:
+        async def deliveries(targets: Any, *args: Any) -> Any:
             self.reads += len(targets)
-            return await real_deliveries(targets, now)
+            return await real_deliveries(targets, *args)
 
         store.delivery, store.deliveries = delivery, deliveries
 
@@ -164,6 +169,7 @@ async def test_an_invoke_is_pushed_as_committed_without_reading_the_store_again(
             topic="kp1/app-v1/cex/dev1/command/reboot/status",
             payload=json.dumps([{"id": command.id, "payload": {"seq": 1}}], separators=(",", ":")).encode(),
             retain=True,
+            command_ids=(command.id,),
         )
         assert pushes.reads == 0
 
@@ -256,7 +262,8 @@ async def test_a_device_that_switches_formats_takes_its_retained_list_along() ->
     await outbox.flush(publish)
     plain, packed = "kp1/app-v1/cex/dev1/command/reboot/status", "kp1/app-v1/cex/dev1/command/reboot/msgpack/status"
     listed = [{"id": command.id, "payload": {"seq": 1}}]
-    assert sent == [Publication(topic=plain, payload=encode(listed, Codec.JSON), retain=True)]
+    pushed = Publication(topic=plain, payload=encode(listed, Codec.JSON), retain=True, command_ids=(command.id,))
+    assert sent == [pushed]
     sent.clear()
     assert await service.poll(REBOOT, True, Format.MSGPACK) == (command,)
     restarted = Outbox(service, TopicScheme(), retain=True)  # the announcement was lost with the process
@@ -264,7 +271,7 @@ async def test_a_device_that_switches_formats_takes_its_retained_list_along() ->
     await restarted.flush(publish)
     assert sent == [
         Publication(topic=plain, payload=b"", retain=True),  # an empty retained message deletes the old list
-        Publication(topic=packed, payload=encode(listed, Codec.MSGPACK), retain=True),
+        Publication(topic=packed, payload=encode(listed, Codec.MSGPACK), retain=True, command_ids=(command.id,)),
     ]
     delivery = await service.delivery(REBOOT)
     assert (delivery.retained_format, delivery.retained_elsewhere) == (Format.MSGPACK, None)
@@ -289,3 +296,218 @@ async def test_a_format_switch_is_announced_and_an_emptied_list_is_not_left_behi
     assert ("kp1/app-v1/cex/dev1/command/reboot/status", None, True) in pushes.seen  # deleted
     assert all(topic != json_topic for topic, _, _ in pushes.seen)  # nothing to retain there
     assert await service.store.retained_targets() == []
+
+
+def windowed(*, retain: bool, max_in_flight: int | None, clock: Any = utc_now) -> tuple[CommandService, Outbox]:
+    """``wired``, with a delivery window (and a clock of the test's, if given)."""
+    limits = Limits(max_in_flight_per_target=max_in_flight)
+    service = CommandService(MemoryStore(), retained_pushes=retain, limits=limits, clock=clock)
+    outbox = Outbox(service, TopicScheme(), retain=retain)
+    service.announcer = outbox
+    return service, outbox
+
+
+def pushed_ids(pushes: Pushes) -> list[list[int]]:
+    return [[item["id"] for item in items or []] for _, items, _ in pushes.seen]
+
+
+async def test_without_retained_lists_a_finished_command_lets_the_next_one_out() -> None:
+    """Window 1, no retained lists: a final result, a cancel and an expiry each push the next
+    command (without a window none of them would push: nothing was added)."""
+    now = [datetime.now(UTC)]
+    service, outbox = windowed(retain=False, max_in_flight=1, clock=lambda: now[0])
+    pushes = Pushes(service)
+    first, second = [await service.invoke(REBOOT, n, ttl_s=60) for n in range(2)]
+    third = await service.invoke(REBOOT, 2, ttl_s=10)
+    fourth = await service.invoke(REBOOT, 3, ttl_s=60)
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id]]
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    await service.cancel(second.id)
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id], [second.id], [third.id]]
+    now[0] += timedelta(seconds=11)
+    assert await service.expire_due() == 1
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes)[-1] == [fourth.id]
+    await service.report(REBOOT, [ResultItem(id=fourth.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert len(pushes.seen) == 4  # nothing left: no push of an empty list
+
+
+async def test_without_a_window_a_finished_command_pushes_nothing() -> None:
+    """The default: the device has the whole list already, a result changes nothing for it."""
+    service, outbox = windowed(retain=False, max_in_flight=None)
+    pushes = Pushes(service)
+    first, second = [await service.invoke(REBOOT, n) for n in range(2)]
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id, second.id]]
+
+
+async def test_finishes_read_together_still_let_every_queued_command_out() -> None:
+    """Window 2 over three commands: both delivered ones finish before the push loop reads the list;
+    the one read is [third], shorter than the window, and it is pushed all the same."""
+    service, outbox = windowed(retain=False, max_in_flight=2)
+    pushes = Pushes(service)
+    first, second, third = [await service.invoke(REBOOT, n) for n in range(3)]
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=c.id, statusCode=200) for c in (first, second)])
+    await outbox.flush(pushes.publish)
+    assert pushed_ids(pushes) == [[first.id, second.id], [third.id]]
+
+
+async def test_a_retained_window_follows_the_finished_commands() -> None:
+    """With retained lists the broker holds the window: [first], then [second], then []."""
+    service, outbox = windowed(retain=True, max_in_flight=1)
+    pushes = Pushes(service)
+    wire = Wire()
+    async with running(outbox, wire.publish):
+        first = await service.invoke(REBOOT, 1)
+        second = await service.invoke(REBOOT, 2)
+    # The second invoke is queued behind the window: the device's list did not change, no push.
+    assert [json.loads(p.payload) for p in wire.sent if "/command/" in p.topic] == [[{"id": first.id, "payload": 1}]]
+    await service.report(REBOOT, [ResultItem(id=first.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    await service.report(REBOOT, [ResultItem(id=second.id, statusCode=200)])
+    await outbox.flush(pushes.publish)
+    assert [(ids, retain) for ids, (_, _, retain) in zip(pushed_ids(pushes), pushes.seen, strict=True)] == [
+        ([second.id], True),
+        ([], True),
+    ]
+
+
+async def test_polls_and_deliveries_are_windowed() -> None:
+    """A poll (MQTT or HTTP alike) and a push read hand out the oldest k commands only."""
+    service, _ = windowed(retain=False, max_in_flight=2)
+    made = [await service.invoke(REBOOT, n) for n in range(5)]
+    assert await service.poll(REBOOT, None) == tuple(made[:2])
+    assert (await service.delivery(REBOOT)).commands == tuple(made[:2])
+    await service.cancel(made[0].id)
+    assert await service.poll(REBOOT, None) == tuple(made[1:3])
+
+
+def limited(*, retain: bool, max_push_bytes: int) -> tuple[CommandService, Outbox]:
+    """``wired``, with a push size limit."""
+    service = CommandService(MemoryStore(), retained_pushes=retain)
+    outbox = Outbox(service, TopicScheme(), retain=retain, max_push_bytes=max_push_bytes)
+    service.announcer = outbox
+    return service, outbox
+
+
+class Sent:
+    """Every publication, acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[Publication] = []
+
+    async def publish(self, publication: Publication) -> None:
+        self.sent.append(publication)
+
+
+def list_pushes(sent: list[Publication]) -> list[Publication]:
+    return [p for p in sent if "/command/" in p.topic]
+
+
+async def invoked(service: CommandService, count: int, size: int) -> list[int]:
+    return [(await service.invoke(REBOOT, "x" * size)).id for _ in range(count)]
+
+
+async def test_a_long_list_goes_out_as_several_messages_within_the_limit() -> None:
+    """Five commands of ~100 bytes at a 250-byte limit: arrays of two, two and one, in id order,
+    each naming the commands it carries."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert [[item["id"] for item in json.loads(p.payload)] for p in pushes] == [ids[:2], ids[2:4], ids[4:]]
+    assert [p.command_ids for p in pushes] == [tuple(ids[:2]), tuple(ids[2:4]), tuple(ids[4:])]
+    assert all(len(p.payload) <= 250 and not p.retain for p in pushes)
+    assert {p.topic for p in pushes} == {"kp1/app-v1/cex/dev1/command/reboot/status"}
+
+
+async def test_split_retained_the_oldest_message_is_retained_and_the_rest_follow_it() -> None:
+    """Retained pushes: the first message (oldest commands) is the retained one, the later ones are
+    published after it, not retained; once the oldest are done the next ones are retained."""
+    service, outbox = limited(retain=True, max_push_bytes=250)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert [(p.command_ids, p.retain) for p in pushes] == [
+        (tuple(ids[:2]), True),
+        (tuple(ids[2:4]), False),
+        (tuple(ids[4:]), False),
+    ]
+    wire.sent.clear()
+    await service.report(REBOOT, [ResultItem(id=i, statusCode=200) for i in ids[:2]])
+    await outbox.flush(wire.publish)
+    assert [(p.command_ids, p.retain) for p in list_pushes(wire.sent)] == [(tuple(ids[2:4]), True), ((ids[4],), False)]
+
+
+async def test_a_split_push_sent_at_once_goes_out_whole_in_order() -> None:
+    """The invoke's own push (published before the invoke returns) is split the same way."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    wire = Wire()
+    async with running(outbox, wire.publish):
+        ids = await invoked(service, 3, 100)
+        assert [p.command_ids for p in list_pushes(wire.sent)] == [(ids[0],), tuple(ids[:2]), tuple(ids[:2]), (ids[2],)]
+
+
+async def test_msgpack_lists_are_split_by_their_own_sizes() -> None:
+    """A MessagePack device's list is cut by MessagePack sizes; every message decodes to whole commands."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    await service.poll(REBOOT, True, Format.MSGPACK)
+    ids = await invoked(service, 5, 100)
+    wire = Sent()
+    await outbox.flush(wire.publish)
+    pushes = list_pushes(wire.sent)
+    assert len(pushes) > 1
+    assert all(len(p.payload) <= 250 and p.topic.endswith("/msgpack/status") for p in pushes)
+    assert [item["id"] for p in pushes for item in decode(p.payload, Codec.MSGPACK)] == ids
+
+
+async def test_a_command_too_large_for_any_message_is_left_out_and_named() -> None:
+    """One command larger than the limit on its own (a CLI invoke, say): the others are pushed, it
+    is not (never a truncated or oversized message), and the log says which and why."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    small = await invoked(service, 1, 10)
+    huge = await invoked(service, 1, 1000)
+    wire = Sent()
+    with structlog.testing.capture_logs() as logs:
+        await outbox.flush(wire.publish)
+    assert [p.command_ids for p in list_pushes(wire.sent)] == [tuple(small)]
+    refused = [e for e in logs if e["event"] == "commands_too_large_to_push"]
+    assert [e["ids"] for e in refused] == [huge]
+    assert "max_push_bytes" in refused[0]["hint"]
+
+
+async def test_a_split_push_refused_half_way_is_queued_whole_and_nothing_is_left_unawaited() -> None:
+    """The first message went out, the second was refused at once (the connection dropped): the
+    invoke succeeds, the target is pushed again by the loop, and the first message's failure later
+    is taken (asyncio reports no unretrieved exception once the future is gone)."""
+    service, outbox = limited(retain=False, max_push_bytes=250)
+    out: list[asyncio.Future[None]] = []
+
+    def half_way(publication: Publication) -> asyncio.Future[None]:
+        if out:
+            raise ConnectionError("not connected")
+        out.append(asyncio.get_running_loop().create_future())
+        return out[0]
+
+    await invoked(service, 2, 100)  # not running: queued, then forgotten for this test
+    outbox._dirty.clear()
+    outbox._live = half_way
+    unretrieved: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unretrieved.append(context))
+    await service.invoke(REBOOT, "x" * 100)
+    assert len(out) == 1
+    assert list(outbox._dirty) == [REBOOT]
+    out.pop().set_exception(ConnectionError("lost"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    gc.collect()
+    assert unretrieved == []

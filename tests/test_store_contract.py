@@ -766,3 +766,25 @@ async def test_presence_moves_forward_and_filters_devices(store: CommandStore) -
     assert after is not None
     assert (after.connected, after.connected_at, after.disconnected_at) == (False, t1, t3)
     assert await store.disconnect_all(t3) == 0
+
+
+async def test_a_delivery_window_hands_out_the_oldest_open_commands_only(store: CommandStore) -> None:
+    """``window=k``: poll, delivery, deliveries and submit's list carry the k lowest ids among the
+    open, unexpired commands (finished and expired ones take no place), and read no further."""
+    early = await store.create(new(REBOOT, ttl_s=1))  # expired by T0 + 2 s
+    finished = await store.create(new(REBOOT))
+    await store.cancel(finished.id, T0)
+    made = [await store.create(new(REBOOT)) for _ in range(3)]
+    await store.create(new(OTHER_TYPE))
+    later = T0 + timedelta(seconds=2)
+    assert early.id < finished.id < made[0].id
+    assert (await store.poll(REBOOT, later, None, Format.PLAIN, 2)).commands == tuple(made[:2])
+    assert (await store.delivery(REBOOT, later, 2)).commands == tuple(made[:2])
+    assert [d.commands for d in await store.deliveries([REBOOT, OTHER_TYPE], later, 1)] == [
+        (made[0],),
+        ((await store.delivery(OTHER_TYPE, later)).commands[0],),
+    ]
+    assert len((await store.delivery(REBOOT, later, None)).commands) == 3
+    created = await store.submit(new(REBOOT, at=later), max_open=100, mark_retained=False, window=2)
+    assert created.delivery is not None
+    assert created.delivery.commands == tuple(made[:2])

@@ -116,7 +116,13 @@ class CommandStore(Protocol):
         ...
 
     async def submit(
-        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+        self,
+        new: NewCommand,
+        *,
+        max_open: int,
+        mark_retained: bool,
+        with_delivery: bool = True,
+        window: int | None = None,
     ) -> Created:
         """An operator's invoke, in one transaction (one round trip to the database):
 
@@ -125,7 +131,8 @@ class CommandStore(Protocol):
         With ``mark_retained`` (pushes are retained on the broker) a target whose device observes is
         marked retained before the push that follows can happen. Returns the target's delivery as
         committed, so the push needs no further read; without ``with_delivery`` (the push reads the
-        list itself) the list is not read (``delivery`` is None), and the mark is made all the same."""
+        list itself) the list is not read (``delivery`` is None), and the mark is made all the same.
+        ``window`` as for ``delivery``."""
         ...
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
@@ -146,15 +153,21 @@ class CommandStore(Protocol):
         """Cancel an open command; CommandNotFound / CommandFinished otherwise."""
         ...
 
-    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
-        """The outstanding commands of a target, remembering the device's observe flag and format.
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format, window: int | None = None
+    ) -> Polled:
+        """The outstanding commands of a target, remembering the device's observe flag and format
+        (``window`` as for ``delivery``).
 
         A retained list stays recorded under the format it was published in (``Delivery.retained_format``)."""
         ...
 
-    async def delivery(self, target: Target, now: datetime) -> Delivery: ...
+    async def delivery(self, target: Target, now: datetime, window: int | None = None) -> Delivery:
+        """What to push to a target. ``window``: only its oldest that many outstanding commands
+        (``delivery.window``: the lowest ids), read no further; None: all of them."""
+        ...
 
-    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+    async def deliveries(self, targets: Sequence[Target], now: datetime, window: int | None = None) -> list[Delivery]:
         """``delivery`` of each target, in the order given, in one read (a push loop's whole chunk)."""
         ...
 

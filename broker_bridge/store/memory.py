@@ -8,6 +8,7 @@ from datetime import datetime
 
 from broker_bridge import commands
 from broker_bridge.commands import Command, CommandState, NewCommand, Report
+from broker_bridge.delivery import window as delivery_window
 from broker_bridge.devices import Device
 from broker_bridge.errors import Conflict, DeviceNotFound
 from broker_bridge.store.base import (
@@ -59,7 +60,13 @@ class MemoryStore:
         return command
 
     async def submit(
-        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+        self,
+        new: NewCommand,
+        *,
+        max_open: int,
+        mark_retained: bool,
+        with_delivery: bool = True,
+        window: int | None = None,
     ) -> Created:
         if new.idempotency_key is not None and (found := await self.find_idempotent(new.target, new.idempotency_key)):
             return Created(command=found, created=False, delivery=None)
@@ -71,7 +78,7 @@ class MemoryStore:
             self._retained[new.target] = self._format(new.target)
         if not with_delivery:
             return Created(command=command, created=True, delivery=None)
-        return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at))
+        return Created(command=command, created=True, delivery=self._delivery(new.target, new.created_at, window))
 
     async def find_idempotent(self, target: Target, key: str) -> Command | None:
         found = (c for c in self._commands.values() if c.idempotency_key == key and _same_endpoint(c.target, target))
@@ -105,20 +112,22 @@ class MemoryStore:
         self._put(cancelled)
         return cancelled
 
-    def _outstanding(self, target: Target, now: datetime) -> tuple[Command, ...]:
+    def _outstanding(self, target: Target, now: datetime, window: int | None) -> tuple[Command, ...]:
         found = (c for c in self._commands.values() if c.target == target and c.is_open and not c.is_due(now))
-        return tuple(sorted(found, key=lambda c: c.id))
+        return delivery_window(sorted(found, key=lambda c: c.id), window)
 
-    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format, window: int | None = None
+    ) -> Polled:
         self._observers[target] = (self._observes(target) if observe is None else observe, fmt)
         moved = self._retained.get(target) not in (None, fmt)
-        return Polled(commands=self._outstanding(target, now), moved=moved)
+        return Polled(commands=self._outstanding(target, now, window), moved=moved)
 
-    async def delivery(self, target: Target, now: datetime) -> Delivery:
-        return self._delivery(target, now)
+    async def delivery(self, target: Target, now: datetime, window: int | None = None) -> Delivery:
+        return self._delivery(target, now, window)
 
-    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
-        return [self._delivery(target, now) for target in targets]
+    async def deliveries(self, targets: Sequence[Target], now: datetime, window: int | None = None) -> list[Delivery]:
+        return [self._delivery(target, now, window) for target in targets]
 
     def _observes(self, target: Target) -> bool:
         return self._observers.get(target, (True, Format.PLAIN))[0]
@@ -126,9 +135,9 @@ class MemoryStore:
     def _format(self, target: Target) -> Format:
         return self._observers.get(target, (True, Format.PLAIN))[1]
 
-    def _delivery(self, target: Target, now: datetime) -> Delivery:
+    def _delivery(self, target: Target, now: datetime, window: int | None = None) -> Delivery:
         observe, fmt = self._observers.get(target, (True, Format.PLAIN))
-        outstanding = self._outstanding(target, now)
+        outstanding = self._outstanding(target, now, window)
         return Delivery(
             target=target,
             observe=observe,

@@ -333,7 +333,13 @@ class PostgresStore:
         return commands.create(new, command_id)
 
     async def submit(
-        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+        self,
+        new: NewCommand,
+        *,
+        max_open: int,
+        mark_retained: bool,
+        with_delivery: bool = True,
+        window: int | None = None,
     ) -> Created:
         target = new.target
 
@@ -350,7 +356,7 @@ class PostgresStore:
             command = commands.create(new, command_id)
             if not with_delivery:  # marked by SUBMIT_MARKING if asked
                 return Created(command=command, created=True, delivery=None)
-            (delivery,) = await _deliveries(conn, [target], new.created_at)
+            (delivery,) = await _deliveries(conn, [target], new.created_at, window)
             if mark_retained and delivery.observe and not delivery.retained:
                 await conn.execute(sql.MARK_RETAINED, *rows.target_params(target), delivery.format.value)
                 delivery = dataclasses.replace(delivery, retained_format=delivery.format)
@@ -434,29 +440,31 @@ class PostgresStore:
         result: Command = await self._submit(op, decides_on=(command_id,))
         return result
 
-    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format, window: int | None = None
+    ) -> Polled:
         async def op(conn: Conn) -> Polled:
             old_observe, old_fmt, retained_fmt = await _observer(conn, target)
             new_observe = old_observe if observe is None else observe
             if (new_observe, fmt) != (old_observe, old_fmt):
                 await conn.execute(sql.UPSERT_OBSERVER, *rows.observer_params(target, new_observe, fmt))
-            outstanding = await _outstanding(conn, target, now)
+            outstanding = await _outstanding(conn, target, now, window)
             return Polled(commands=outstanding, moved=retained_fmt not in (None, fmt))
 
         result: Polled = await self._submit(op)
         return result
 
-    async def delivery(self, target: Target, now: datetime) -> Delivery:
-        (found,) = await self.deliveries([target], now)
+    async def delivery(self, target: Target, now: datetime, window: int | None = None) -> Delivery:
+        (found,) = await self.deliveries([target], now, window)
         return found
 
     async def open_summary(self) -> OpenSummary:
         return rows.to_summary(await self._rows(rows.OPEN_SUMMARY))
 
-    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+    async def deliveries(self, targets: Sequence[Target], now: datetime, window: int | None = None) -> list[Delivery]:
         if not targets:
             return []
-        found: list[Delivery] = await self._read(lambda conn: _deliveries(conn, targets, now))
+        found: list[Delivery] = await self._read(lambda conn: _deliveries(conn, targets, now, window))
         return found
 
     async def mark_retained(self, target: Target, retained: bool, fmt: Format | None = None) -> None:
@@ -750,9 +758,9 @@ async def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | 
     return bool(observe), Format(fmt), None if retained_fmt is None else Format(retained_fmt)
 
 
-async def _deliveries(conn: Conn, targets: Sequence[Target], now: datetime) -> list[Delivery]:
-    """Each target's delivery, in the order given, in one statement (DELIVERIES)."""
-    found = await conn.fetch(sql.DELIVERIES, *_target_columns(targets), rows.to_us(now))
+async def _deliveries(conn: Conn, targets: Sequence[Target], now: datetime, window: int | None) -> list[Delivery]:
+    """Each target's delivery, in the order given, in one statement (DELIVERIES; LIMIT NULL: all)."""
+    found = await conn.fetch(sql.DELIVERIES, *_target_columns(targets), rows.to_us(now), window)
     grouped: list[list[Any]] = [[] for _ in targets]
     for row in found:
         grouped[row[0] - 1].append(row[1:])
@@ -772,8 +780,8 @@ def _to_delivery(target: Target, found: Sequence[Any]) -> Delivery:
     )
 
 
-async def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
-    found = await conn.fetch(sql.OUTSTANDING, *rows.target_params(target), rows.to_us(now))
+async def _outstanding(conn: Conn, target: Target, now: datetime, window: int | None) -> tuple[Command, ...]:
+    found = await conn.fetch(sql.OUTSTANDING, *rows.target_params(target), rows.to_us(now), window)
     return tuple(rows.to_command(r) for r in found)
 
 

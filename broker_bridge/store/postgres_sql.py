@@ -85,7 +85,8 @@ DELIVERIES = (
     + " FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(av, token, type, n) "
     "LEFT JOIN observers o ON o.app_version = t.av AND o.endpoint_token = t.token AND o.command_type = t.type "
     f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM commands WHERE app_version = t.av AND endpoint_token = t.token "
-    f"AND command_type = t.type AND state IN {OPEN} AND expires_at > $4 ORDER BY id) c ON true ORDER BY t.n, c.id"
+    f"AND command_type = t.type AND state IN {OPEN} AND expires_at > $4 ORDER BY id LIMIT $5) c ON true "
+    "ORDER BY t.n, c.id"
 )
 ON_TARGET = "ON CONFLICT (app_version, endpoint_token, command_type)"
 UPSERT_OBSERVER = numbered(

@@ -176,7 +176,13 @@ class SqliteStore(SqliteDevices):
         return result
 
     async def submit(
-        self, new: NewCommand, *, max_open: int, mark_retained: bool, with_delivery: bool = True
+        self,
+        new: NewCommand,
+        *,
+        max_open: int,
+        mark_retained: bool,
+        with_delivery: bool = True,
+        window: int | None = None,
     ) -> Created:
         target = new.target
 
@@ -190,7 +196,7 @@ class SqliteStore(SqliteDevices):
                 if mark_retained:
                     conn.execute(rows.MARK_RETAINED_IF_OBSERVED, rows.target_params(target))
                 return Created(command=command, created=True, delivery=None)
-            delivery = _delivery(conn, target, new.created_at)
+            delivery = _delivery(conn, target, new.created_at, window)
             if mark_retained and delivery.observe and not delivery.retained:
                 conn.execute(rows.MARK_RETAINED, (*rows.target_params(target), delivery.format.value))
                 delivery = dataclasses.replace(delivery, retained_format=delivery.format)
@@ -248,19 +254,21 @@ class SqliteStore(SqliteDevices):
         result: Command = await self._submit(op, writes=True)
         return result
 
-    async def poll(self, target: Target, now: datetime, observe: bool | None, fmt: Format) -> Polled:
+    async def poll(
+        self, target: Target, now: datetime, observe: bool | None, fmt: Format, window: int | None = None
+    ) -> Polled:
         def op(conn: Conn) -> Polled:
             old_observe, old_fmt, retained_fmt = _observer(conn, target)
             new_observe = old_observe if observe is None else observe
             if (new_observe, fmt) != (old_observe, old_fmt):
                 conn.execute(rows.UPSERT_OBSERVER, rows.observer_params(target, new_observe, fmt))
-            return Polled(commands=_outstanding(conn, target, now), moved=retained_fmt not in (None, fmt))
+            return Polled(commands=_outstanding(conn, target, now, window), moved=retained_fmt not in (None, fmt))
 
         result: Polled = await self._submit(op, writes=True)
         return result
 
-    async def delivery(self, target: Target, now: datetime) -> Delivery:
-        result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now), writes=False)
+    async def delivery(self, target: Target, now: datetime, window: int | None = None) -> Delivery:
+        result: Delivery = await self._submit(lambda conn: _delivery(conn, target, now, window), writes=False)
         return result
 
     async def open_summary(self) -> OpenSummary:
@@ -269,9 +277,9 @@ class SqliteStore(SqliteDevices):
         )
         return result
 
-    async def deliveries(self, targets: Sequence[Target], now: datetime) -> list[Delivery]:
+    async def deliveries(self, targets: Sequence[Target], now: datetime, window: int | None = None) -> list[Delivery]:
         found: list[Delivery] = await self._submit(
-            lambda conn: [_delivery(conn, t, now) for t in targets], writes=False
+            lambda conn: [_delivery(conn, t, now, window) for t in targets], writes=False
         )
         return found
 
@@ -514,12 +522,13 @@ def _observer(conn: Conn, target: Target) -> tuple[bool, Format, Format | None]:
     return bool(observe), Format(fmt), None if retained_fmt is None else Format(retained_fmt)
 
 
-def _delivery(conn: Conn, target: Target, now: datetime) -> Delivery:
+def _delivery(conn: Conn, target: Target, now: datetime, window: int | None) -> Delivery:
     observe, fmt, retained_fmt = _observer(conn, target)
-    commands = _outstanding(conn, target, now)
+    commands = _outstanding(conn, target, now, window)
     return Delivery(target=target, observe=observe, format=fmt, commands=commands, retained_format=retained_fmt)
 
 
-def _outstanding(conn: Conn, target: Target, now: datetime) -> tuple[Command, ...]:
-    found = conn.execute(rows.OUTSTANDING, (*rows.target_params(target), rows.to_us(now)))
+def _outstanding(conn: Conn, target: Target, now: datetime, window: int | None) -> tuple[Command, ...]:
+    limit = -1 if window is None else window  # SQLite: a negative LIMIT is none
+    found = conn.execute(rows.OUTSTANDING, (*rows.target_params(target), rows.to_us(now), limit))
     return tuple(rows.to_command(r) for r in found)

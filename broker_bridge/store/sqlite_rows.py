@@ -59,9 +59,9 @@ UPDATE = (
 MARK_ANNOUNCED = "UPDATE commands SET announced = 1 WHERE id = ? AND updated_at = ?"
 UNANNOUNCED = f"SELECT {COLUMNS} FROM commands WHERE announced = 0 AND id > ? ORDER BY id LIMIT ?"
 TARGET_WHERE = "app_version = ? AND endpoint_token = ? AND command_type = ?"
-OUTSTANDING = (
+OUTSTANDING = (  # the last parameter is the delivery window (SQLite: -1, PostgreSQL: NULL for none)
     f"SELECT {COLUMNS} FROM commands WHERE {TARGET_WHERE} "
-    "AND state IN ('pending', 'in_progress') AND expires_at > ? ORDER BY id"
+    "AND state IN ('pending', 'in_progress') AND expires_at > ? ORDER BY id LIMIT ?"
 )
 OPEN_TARGETS = (
     "SELECT DISTINCT app_version, endpoint_token, command_type FROM commands "
