@@ -29,6 +29,8 @@ from broker_bridge.delivery import MAX_PUSH_BYTES, first_message
 from broker_bridge.errors import BridgeError, PayloadTooLarge, StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication, log_left_out
 from broker_bridge.paho_io import BufferedReads, BufferedWrites
+from broker_bridge.rollout_service import Preview, RolloutService, parse_spec
+from broker_bridge.rollouts import to_record as rollout_record
 from broker_bridge.service import CommandService
 from broker_bridge.topics import (
     AdminAction,
@@ -359,6 +361,9 @@ class Bridge:
         if self.local is None and (endpoint := self.scheme.parse_presence(topic)) is not None:
             self.on_received("device")
             self._presence(topic, endpoint, payload)
+        elif (rollout := self.scheme.parse_rollout_create(topic))[0]:
+            self.on_received("admin")
+            await self._create_rollout(link, topic, rollout[1], payload, qos, f"mqtt:{sender}" if sender else "mqtt")
         elif (device := self.scheme.parse_device(topic)) is not None:
             self.on_received("device")
             await self._device(link, device, payload, qos)
@@ -367,6 +372,23 @@ class Bridge:
             await self._admin(link, admin, payload, qos, f"mqtt:{sender}" if sender else "mqtt")
         else:
             self.on_received("ignored")  # replies (our own, without MQTT 5 no-local) and foreign topics
+
+    async def _create_rollout(
+        self, link: Link, topic: str, request_id: int | None, payload: bytes, qos: int, invoked_by: str
+    ) -> None:
+        try:
+            self._check_size(payload)
+            made = await RolloutService(self.service).create(
+                parse_spec(protocol.decode(payload, Codec.JSON)), invoked_by=invoked_by
+            )
+        except BridgeError as exc:
+            self._log_refusal(topic, exc)
+            if request_id is not None:
+                await self._reply_error(link, error_topic(topic), exc, Codec.JSON, qos)
+            return
+        if request_id is not None:
+            body = made.record() if isinstance(made, Preview) else rollout_record(made)
+            await self._reply(link, status_topic(topic), body, Codec.JSON, qos)
 
     def _presence(self, topic: str, endpoint: tuple[str, str], payload: bytes) -> None:
         try:

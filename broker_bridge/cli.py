@@ -25,6 +25,9 @@ from broker_bridge.device import DeviceSimulator, parse_answer
 from broker_bridge.errors import BadRequest, BridgeError, StartupError
 from broker_bridge.outbox import Outbox, Publication
 from broker_bridge.protocol import decode
+from broker_bridge.rollout_service import Preview, RolloutService, parse_spec
+from broker_bridge.rollouts import DeviceState, Rollout, member_record
+from broker_bridge.rollouts import to_record as rollout_record
 from broker_bridge.service import CommandService
 from broker_bridge.store import CommandQuery
 from broker_bridge.topics import Codec, Format, make_target
@@ -83,7 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.add_argument("--json", action="store_true", help="print the command record(s) as JSON")
     _device_parser(sub.add_parser("device", help="simulate a KP1 device that answers commands"))
     _devices_parser(sub.add_parser("devices", help="manage the device registry"))
+    _rollout_parser(sub.add_parser("rollout", help="fleet rollouts: one command to many devices"))
     return parser
+
+
+def _rollout_parser(rollout: argparse.ArgumentParser) -> None:
+    actions = rollout.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a rollout from a JSON spec (the body of POST /v3/rollouts)")
+    create.add_argument("spec", type=Path, help="JSON file, or - for standard input (README: Fleet rollouts)")
+    create.add_argument("--dry-run", action="store_true", help="only resolve and count the devices")
+    listing = actions.add_parser("list", help="list rollouts, newest first")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--offset", type=int, default=0)
+    members = actions.add_parser("devices", help="a rollout's devices and their states")
+    members.add_argument("id", type=int)
+    members.add_argument("--state", choices=[s.value for s in DeviceState], action="append")
+    members.add_argument("--limit", type=int, default=100)
+    members.add_argument("--offset", type=int, default=0)
+    for name in ("show", "pause", "resume", "cancel", "watch"):
+        actions.add_parser(name, help=f"{name} a rollout").add_argument("id", type=int)
+    for parser in actions.choices.values():
+        _common(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _devices_parser(devices: argparse.ArgumentParser) -> None:
@@ -194,6 +218,92 @@ def _cli_user() -> str:
         return f"cli:{getpass.getuser()}"
     except (OSError, KeyError):  # no LOGNAME/USER and no passwd entry (some containers)
         return f"cli:uid-{os.getuid()}"
+
+
+WATCH_S = 1.0  # rollout watch: how often the progress line is redrawn
+BAR = 30
+
+
+async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "create":
+        text = sys.stdin.read() if str(args.spec) == "-" else _read_file(args.spec)
+        body = decode(text.encode(), Codec.JSON)
+        if args.dry_run and isinstance(body, dict):
+            body = {**body, "dry_run": True}
+        made = await _with_service(
+            settings, lambda s: RolloutService(s).create(parse_spec(body), invoked_by=_cli_user())
+        )
+        _print_rollout(made.record() if isinstance(made, Preview) else rollout_record(made), args.json)
+        return 0
+    if args.action == "list":
+        found, _ = await _with_service(settings, lambda s: RolloutService(s).page(args.limit, args.offset))
+        records = [rollout_record(r) for r in found]
+        if args.json:
+            print(json.dumps(records, indent=2))
+        for r in [] if args.json else records:
+            print(f"{r['id']}  {r['state']}  {r['command']['name']}  {_progress(r)}")
+        return 0
+    if args.action == "devices":
+        states = frozenset(DeviceState(s) for s in args.state or ())
+        found, _ = await _with_service(
+            settings, lambda s: RolloutService(s).members(args.id, states, args.limit, args.offset)
+        )
+        records = [member_record(m) for m in found]
+        if args.json:
+            print(json.dumps(records, indent=2))
+        for m in [] if args.json else records:
+            print(f"{m['device_id']}  {m['state']}  attempt {m['attempt']}  command {m['command_id']}")
+        return 0
+    if args.action == "watch":
+        return await _watch(args.id, settings)
+    steer = {"show": RolloutService.get, "pause": RolloutService.pause, "resume": RolloutService.resume}
+    act = steer.get(args.action, RolloutService.cancel)
+    found_one: Rollout = await _with_service(settings, lambda s: act(RolloutService(s), args.id))
+    _print_rollout(rollout_record(found_one), args.json)
+    return 0
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise StartupError(f"cannot read the rollout spec {path}: {exc.strerror}") from None
+
+
+def _progress(r: dict[str, Any]) -> str:
+    counts, total = r["counts"], max(1, r["total"])
+    done = sum(counts[s] for s in ("succeeded", "failed", "timed_out", "cancelled", "skipped"))
+    filled = round(BAR * done / total)
+    rate = r["rate_per_minute_now"]
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+    return f"[{'#' * filled}{'.' * (BAR - filled)}] {done}/{r['total']}  {shown}  rate {rate or 'unlimited'}/min"
+
+
+def _print_rollout(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    if record.get("dry_run"):
+        print(f"dry run: {record['count']} devices: {', '.join(record['device_ids'][:20])}")
+        return
+    print(f"rollout {record['id']}: {record['state']}  {_progress(record)}")
+    if record["aborted_by"]:
+        print(f"aborted by: {record['aborted_by']}")
+
+
+async def _watch(rollout_id: int, settings: Settings) -> int:
+    """Redraw the progress line until the rollout ends (a running ``serve`` drives it)."""
+    async with runtime.build_service(settings) as parts:
+        rollouts = RolloutService(parts.service)
+        while True:
+            record = rollout_record(await rollouts.get(rollout_id))
+            end = "\n" if record["state"] in ("completed", "aborted", "cancelled") else ""
+            print(f"\rrollout {rollout_id}: {record['state']:<11} {_progress(record)}", end=end, flush=True)
+            if end:
+                if record["aborted_by"]:
+                    print(f"aborted by: {record['aborted_by']}")
+                return 0 if record["state"] == "completed" else EXIT_ERROR
+            await asyncio.sleep(WATCH_S)
 
 
 async def _invoke(args: argparse.Namespace, settings: Settings) -> int:
@@ -377,6 +487,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "rerun": _rerun,
     "device": _device,
     "devices": _devices,
+    "rollout": _rollout,
 }
 
 if __name__ == "__main__":

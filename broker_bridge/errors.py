@@ -54,6 +54,12 @@ class Unauthorized(BridgeError):
     status_code = 401
 
 
+class RolloutNotFound(BridgeError):
+    """No such rollout."""
+
+    status_code = 404
+
+
 class DeviceNotFound(BridgeError):
     """No such device; in closed registry mode also an endpoint token nobody registered."""
 

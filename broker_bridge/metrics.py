@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from broker_bridge import __version__
 from broker_bridge.commands import Command, CommandState
 from broker_bridge.devices import PresenceChange
+from broker_bridge.rollouts import Rollout
 from broker_bridge.store import Delivery
 from broker_bridge.store.base import OpenSummary
 from broker_bridge.topics import Target
@@ -159,6 +160,9 @@ class Metrics:
 
     def presence_changed(self, change: PresenceChange) -> None:
         pass  # connected devices are counted in the store (show_store), for every instance's view
+
+    def rollout_changed(self, rollout: Rollout) -> None:
+        pass
 
     def count_received(self, kind: str) -> None:
         self.received.labels(kind).inc()

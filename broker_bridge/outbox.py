@@ -22,6 +22,8 @@ from broker_bridge.delivery import MAX_PUSH_BYTES, Split, messages
 from broker_bridge.devices import PresenceChange
 from broker_bridge.errors import StoreUnavailable
 from broker_bridge.protocol import encode
+from broker_bridge.rollouts import Rollout
+from broker_bridge.rollouts import to_record as rollout_record
 from broker_bridge.service import CommandService
 from broker_bridge.store import Delivery
 from broker_bridge.topics import Codec, Format, Target, TopicScheme
@@ -113,6 +115,11 @@ class Outbox:
             "at": rfc3339(change.at),
         }
         self._notices.append(Publication(topic=topic, payload=encode(body, Codec.JSON)))
+        self._wake.set()
+
+    def rollout_changed(self, rollout: Rollout) -> None:
+        topic = f"{self.scheme.events_prefix}/rollouts/{rollout.id}"
+        self._notices.append(Publication(topic=topic, payload=encode(rollout_record(rollout), Codec.JSON)))
         self._wake.set()
 
     def outstanding_changed(self, target: Target, *, added: bool, delivery: Delivery | None = None) -> None:

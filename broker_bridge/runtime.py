@@ -29,6 +29,7 @@ from broker_bridge.console.live import LiveEvents
 from broker_bridge.errors import StartupError, StoreUnavailable
 from broker_bridge.metrics import Metrics
 from broker_bridge.outbox import Outbox
+from broker_bridge.rollout_service import RolloutService
 from broker_bridge.service import Announcers, CommandService
 from broker_bridge.store import CommandStore
 from broker_bridge.store.postgres import InstanceLease, PostgresStore, PushLocks
@@ -42,6 +43,9 @@ SWEEP_BATCH = 1000
 # Devices' last-seen times, and commands' sent and delivered times, are written this often (one
 # write for all of them).
 SEEN_FLUSH_S = 1.0
+# Every instance steps the active rollouts this often (one it finds locked is another's to step):
+# the lag between a device's result and the next command a rate or window lets out.
+ROLLOUT_STEP_S = 0.25
 STORE_GAUGES_S = 5.0  # the metrics' store figures (open commands, oldest pending) are read this often
 # SQLite's cost per expired row falls with the batch size (measured: 100k rows in 3.1 s by 1000,
 # 0.9 s by 10000 and more), so the expiry sweep takes big bites.
@@ -239,6 +243,7 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             _spawn(tasks, _sweep(service.purge_finished, RETENTION_SWEEP_S), "retention-sweeper")
             _spawn(tasks, _every(service.flush_seen, SEEN_FLUSH_S), "last-seen")
             _spawn(tasks, _every(service.flush_delivery, SEEN_FLUSH_S), "delivery-times")
+            _spawn(tasks, _every(RolloutService(service).step_all, ROLLOUT_STEP_S), "rollouts")
             _spawn(tasks, _every(partial(_read_store_gauges, service, metrics), STORE_GAUGES_S), "store-gauges")
             if parts.postgres is not None:
                 _spawn(tasks, parts.postgres.listen(), "postgres-listen")

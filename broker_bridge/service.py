@@ -22,6 +22,7 @@ from broker_bridge.devices import Device, PresenceChange, resolve
 from broker_bridge.errors import BadRequest, CommandNotFound, Conflict, StoreUnavailable
 from broker_bridge.protocol import ResultItem, check_document
 from broker_bridge.registry import Registry, RegistryMode
+from broker_bridge.rollouts import Rollout
 from broker_bridge.store import CommandQuery, CommandStore, Delivery, ReportOutcome
 from broker_bridge.topics import Format, Target, parse_positive_int
 
@@ -55,6 +56,9 @@ class Announcer(Protocol):
     def presence_changed(self, change: PresenceChange) -> None:
         """An endpoint connected or disconnected (committed for a registered device)."""
 
+    def rollout_changed(self, rollout: Rollout) -> None:
+        """A rollout's state or counters changed (committed): at most once per step."""
+
 
 class NullAnnouncer:
     """Announces nothing: for a CLI without a broker and for tests of the service alone."""
@@ -69,6 +73,9 @@ class NullAnnouncer:
         pass
 
     def presence_changed(self, change: PresenceChange) -> None:
+        pass
+
+    def rollout_changed(self, rollout: Rollout) -> None:
         pass
 
 
@@ -93,6 +100,10 @@ class Announcers:
     def presence_changed(self, change: PresenceChange) -> None:
         for member in self.members:
             member.presence_changed(change)
+
+    def rollout_changed(self, rollout: Rollout) -> None:
+        for member in self.members:
+            member.rollout_changed(rollout)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

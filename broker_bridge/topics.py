@@ -26,6 +26,7 @@ from broker_bridge.errors import BadRequest
 COMMAND_TYPE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 REPLY_LEVELS = frozenset({"status", "error"})
 PRESENCE = "presence"  # kp1/{av}/cex/{token}/presence: a device's birth and death messages
+ROLLOUTS = "rollouts"  # {admin}/rollouts/create[/{rid}]: a fleet rollout over MQTT
 _MAX_ID_DIGITS = 18  # keeps ids inside a signed 64-bit integer
 
 
@@ -246,6 +247,15 @@ class TopicScheme:
         base = f"{self.admin_prefix}/{target.app_version}/{target.endpoint_token}/{action.value}"
         tail = f"/{command_id}" if command_id is not None else ""
         return f"{base}/{target.command_type}{tail}"
+
+    def parse_rollout_create(self, topic: str) -> tuple[bool, int | None]:
+        """``{admin}/rollouts/create[/{rid}]``: (whether the topic is one, its request ID)."""
+        rest = topic[len(self.admin_prefix) + 1 :].split("/") if topic.startswith(f"{self.admin_prefix}/") else []
+        if rest[:2] != [ROLLOUTS, "create"] or len(rest) > 3:
+            return False, None
+        if len(rest) == 3 and (request_id := parse_positive_int(rest[2])) is not None:
+            return True, request_id
+        return len(rest) == 2, None
 
     def parse_admin(self, topic: str) -> AdminRequest | None:
         """Parse a publish on the admin tree; None for our own replies and foreign topics."""

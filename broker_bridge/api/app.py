@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_bridge import __version__
-from broker_bridge.api import docs, errors, kaa, kp1, ops, v3
+from broker_bridge.api import docs, errors, kaa, kp1, ops, rollouts, v3
 from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
 from broker_bridge.api.errors import error_response
 from broker_bridge.console import routes as console_routes
@@ -122,7 +122,7 @@ def create_app(
     app.add_middleware(
         Gate, api_keys=tuple(api_keys), key_names=app.state.key_names, max_payload_bytes=max_payload_bytes
     )
-    for router in (kp1.router, v3.router, kaa.router, ops.router):
+    for router in (kp1.router, v3.router, rollouts.router, kaa.router, ops.router):
         app.include_router(router)
     docs.install(app)
     console_routes.install(app)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from broker_bridge.commands import Command
 from broker_bridge.devices import PresenceChange
+from broker_bridge.rollouts import Rollout
 from broker_bridge.store import Delivery
 from broker_bridge.topics import Target
 
@@ -56,4 +57,7 @@ class LiveEvents:
                 listener.offer(target, command_id)
 
     def presence_changed(self, change: PresenceChange) -> None:
+        pass
+
+    def rollout_changed(self, rollout: Rollout) -> None:
         pass

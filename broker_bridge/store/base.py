@@ -26,6 +26,7 @@ from broker_bridge.commands import (
 )
 from broker_bridge.devices import Device
 from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound, LimitExceeded
+from broker_bridge.rollouts import Build, Decide, DeviceState, Member, Pace, Rollout, RolloutSpec, RolloutState, Stepped
 from broker_bridge.topics import Format, Target
 
 # The expiry sweep takes its batch from the EXPIRE_WINDOW x limit earliest deadlines, lowest ids
@@ -106,7 +107,49 @@ class OpenSummary:
     oldest_pending: datetime | None  # created_at of the oldest pending command
 
 
-class CommandStore(Protocol):
+class RolloutStore(Protocol):
+    """Fleet rollouts (``broker_bridge.rollouts``): what every store keeps of them."""
+
+    async def create_rollout(
+        self,
+        spec: RolloutSpec,
+        *,
+        state: RolloutState,
+        pace: Pace,
+        now: datetime,
+        members: Sequence[tuple[str, str, str]],
+        invoked_by: str | None,
+    ) -> Rollout:
+        """A new rollout and its members (device id, app version, token), all queued, in one write."""
+        ...
+
+    async def get_rollout(self, rollout_id: int) -> Rollout | None: ...
+
+    async def rollouts(self, limit: int, offset: int) -> tuple[list[Rollout], int]:
+        """A page of rollouts, newest first, and how many there are."""
+        ...
+
+    async def rollout_members(
+        self, rollout_id: int, states: frozenset[DeviceState], limit: int, offset: int
+    ) -> tuple[list[Member], int]:
+        """A page of a rollout's members in their order (only these states, if any), and the count."""
+        ...
+
+    async def active_rollouts(self) -> list[int]:
+        """Ids of the rollouts that are scheduled, in progress or paused."""
+        ...
+
+    async def step_rollout(
+        self, rollout_id: int, now: datetime, decide: Decide, build: Build, *, wait: bool = True
+    ) -> Stepped | None:
+        """One step, in one transaction: read the snapshot, ``decide`` (pure; may refuse with a
+        BridgeError before anything is written), settle members, cancel (``cancel_open``) or create
+        the commands of the members sent now (``build``: None skips the member), save the rollout.
+        RolloutNotFound if there is none. Without ``wait``, None if another instance is stepping it."""
+        ...
+
+
+class CommandStore(RolloutStore, Protocol):
     """Durable command history. All times are timezone-aware UTC."""
 
     async def create(self, new: NewCommand) -> Command:

@@ -10,7 +10,22 @@ from broker_bridge import commands
 from broker_bridge.commands import Command, CommandState, NewCommand, Report
 from broker_bridge.delivery import window as delivery_window
 from broker_bridge.devices import Device
-from broker_bridge.errors import Conflict, DeviceNotFound
+from broker_bridge.errors import Conflict, DeviceNotFound, RolloutNotFound
+from broker_bridge.rollouts import ACTIVE as ACTIVE_ROLLOUT_STATES
+from broker_bridge.rollouts import (
+    IN_FLIGHT,
+    Build,
+    Decide,
+    DeviceState,
+    Member,
+    Pace,
+    Rollout,
+    RolloutSpec,
+    RolloutState,
+    Snapshot,
+    Stepped,
+    counted,
+)
 from broker_bridge.store.base import (
     EXPIRE_WINDOW,
     CommandQuery,
@@ -27,10 +42,123 @@ from broker_bridge.store.base import (
 from broker_bridge.topics import Format, Target
 
 
-class MemoryStore:
+class MemoryRollouts:
+    """The rollout half of ``MemoryStore``: the reference semantics of ``step_rollout``."""
+
+    _commands: dict[int, Command]
+    _devices: dict[str, Device]
+
+    def __init__(self) -> None:
+        self._rollouts: dict[int, Rollout] = {}
+        self._members: dict[int, list[Member]] = {}
+
+    def _put(self, command: Command) -> None:
+        raise NotImplementedError
+
+    async def create(self, new: NewCommand) -> Command:
+        raise NotImplementedError
+
+    async def create_rollout(
+        self,
+        spec: RolloutSpec,
+        *,
+        state: RolloutState,
+        pace: Pace,
+        now: datetime,
+        members: Sequence[tuple[str, str, str]],
+        invoked_by: str | None,
+    ) -> Rollout:
+        rollout_id = len(self._rollouts) + 1
+        counts = {DeviceState.QUEUED: len(members)} if members else {}
+        rollout = Rollout(
+            id=rollout_id, spec=spec, state=state, created_at=now, updated_at=now, pace=pace, counts=counts,
+            invoked_by=invoked_by,
+        )  # fmt: skip
+        self._rollouts[rollout_id] = rollout
+        self._members[rollout_id] = [
+            Member(position=n, device_id=d, app_version=av, endpoint_token=t, state=DeviceState.QUEUED, updated_at=now)
+            for n, (d, av, t) in enumerate(members)
+        ]
+        return rollout
+
+    async def get_rollout(self, rollout_id: int) -> Rollout | None:
+        return self._rollouts.get(rollout_id)
+
+    async def rollouts(self, limit: int, offset: int) -> tuple[list[Rollout], int]:
+        newest = sorted(self._rollouts.values(), key=lambda r: -r.id)
+        return newest[offset : offset + limit], len(newest)
+
+    async def rollout_members(
+        self, rollout_id: int, states: frozenset[DeviceState], limit: int, offset: int
+    ) -> tuple[list[Member], int]:
+        found = [m for m in self._members.get(rollout_id, []) if not states or m.state in states]
+        return found[offset : offset + limit], len(found)
+
+    async def active_rollouts(self) -> list[int]:
+        return sorted(i for i, r in self._rollouts.items() if r.state in ACTIVE_ROLLOUT_STATES)
+
+    async def step_rollout(
+        self, rollout_id: int, now: datetime, decide: Decide, build: Build, *, wait: bool = True
+    ) -> Stepped | None:
+        rollout = self._rollouts.get(rollout_id)
+        if rollout is None:
+            raise RolloutNotFound(f"no rollout {rollout_id}")
+        members = self._members[rollout_id]
+        in_flight = []
+        for member in members:
+            if member.state not in IN_FLIGHT:
+                continue
+            command = self._commands.get(member.command_id) if member.command_id is not None else None
+            still = command is not None and (
+                (member.state is DeviceState.SENT and command.state is CommandState.PENDING)
+                or (member.state is DeviceState.IN_PROGRESS and command.state is CommandState.IN_PROGRESS)
+            )
+            if not still:
+                in_flight.append((member, command))
+        plan = decide(Snapshot(rollout=rollout, in_flight=in_flight))
+        for member, state in plan.settle:
+            members[member.position] = dataclasses.replace(members[member.position], state=state, updated_at=now)
+        created: list[Command] = []
+        cancelled: list[Command] = []
+        after = plan.rollout
+        if plan.cancel_open:
+            for n, member in enumerate(members):
+                if member.state in IN_FLIGHT and member.command_id is not None:
+                    current = self._commands.get(member.command_id)
+                    if current is not None and current.is_open:
+                        done = commands.cancel(current, now)
+                        self._put(done)
+                        cancelled.append(done)
+                if member.state in IN_FLIGHT or member.state is DeviceState.QUEUED:
+                    members[n] = dataclasses.replace(member, state=DeviceState.CANCELLED, updated_at=now)
+            counts: dict[DeviceState, int] = {}
+            for member in members:
+                counts[member.state] = counts.get(member.state, 0) + 1
+            after = dataclasses.replace(after, counts=counts)
+        elif plan.send:
+            sent = skipped = 0
+            for member in [m for m in members if m.state is DeviceState.QUEUED][: plan.send]:
+                new = build(rollout.spec, member, self._devices.get(member.device_id))
+                if new is None:
+                    members[member.position] = dataclasses.replace(member, state=DeviceState.SKIPPED, updated_at=now)
+                    skipped += 1
+                    continue
+                command = await self.create(new)
+                created.append(command)
+                members[member.position] = dataclasses.replace(
+                    member, state=DeviceState.SENT, attempt=member.attempt + 1, command_id=command.id, updated_at=now
+                )
+                sent += 1
+            after = counted(after, sent=sent, skipped=skipped, now=now)
+        self._rollouts[rollout_id] = after
+        return Stepped(rollout=after, created=created, cancelled=cancelled, settled=len(plan.settle))
+
+
+class MemoryStore(MemoryRollouts):
     """Keeps everything in dicts; nothing survives the process."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._commands: dict[int, Command] = {}
         self._next_id = 1
         self._observers: dict[Target, tuple[bool, Format]] = {}
@@ -304,3 +432,4 @@ def _endpoint(target: Target) -> tuple[str, str]:
 
 def _same_endpoint(a: Target, b: Target) -> bool:
     return _endpoint(a) == _endpoint(b)
+

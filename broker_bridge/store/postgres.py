@@ -54,6 +54,7 @@ from broker_bridge.store.base import (
     check_open_limit,
     resolve_report,
 )
+from broker_bridge.store.postgres_rollouts import PostgresRollouts
 from broker_bridge.store.postgres_schema import (
     CREATE_VERSION_TABLE,
     EXPIRY_LOCK,
@@ -100,7 +101,7 @@ def unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"database unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
-class PostgresStore:
+class PostgresStore(PostgresRollouts):
     """The store for several instances: one PostgreSQL database (any libpq URI)."""
 
     def __init__(

@@ -104,6 +104,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN connected_at BIGINT;
     ALTER TABLE devices ADD COLUMN disconnected_at BIGINT;
     """,
+    """
+    -- Fleet rollouts: the spec (JSON), where it stands, and one row per targeted device.
+    CREATE TABLE rollouts (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('scheduled', 'in_progress', 'paused', 'completed', 'aborted', 'cancelled')),
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        started_at BIGINT,
+        finished_at BIGINT,
+        aborted_by TEXT,
+        pace TEXT NOT NULL,                    -- JSON: the current rate, since when
+        counts TEXT NOT NULL DEFAULT '{}',     -- JSON: members by state, kept with every step
+        invoked_by TEXT
+    );
+    CREATE INDEX rollouts_active ON rollouts (id) WHERE state IN ('scheduled', 'in_progress', 'paused');
+    CREATE TABLE rollout_members (
+        rollout_id BIGINT NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        device_id TEXT NOT NULL,
+        app_version TEXT NOT NULL,
+        endpoint_token TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        command_id BIGINT,                         -- the latest attempt's command
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (rollout_id, position)
+    );
+    CREATE INDEX rollout_members_state ON rollout_members (rollout_id, state, position);
+    """,
 ]
 
 CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS broker_bridge_schema (version INTEGER NOT NULL)"

@@ -48,6 +48,7 @@ from broker_bridge.store.base import (
     resolve_report,
 )
 from broker_bridge.store.sqlite_devices import SqliteDevices
+from broker_bridge.store.sqlite_rollouts import SqliteRollouts
 from broker_bridge.store.sqlite_schema import migrate
 from broker_bridge.topics import Format, Target
 
@@ -66,7 +67,7 @@ class _Op:
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class SqliteStore(SqliteDevices):
+class SqliteStore(SqliteDevices, SqliteRollouts):
     """The default store: a single SQLite file in WAL mode."""
 
     def __init__(

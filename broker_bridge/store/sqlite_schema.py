@@ -97,6 +97,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN connected_at INTEGER;
     ALTER TABLE devices ADD COLUMN disconnected_at INTEGER;
     """,
+    """
+    -- Fleet rollouts: the spec (JSON), where it stands, and one row per targeted device.
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('scheduled', 'in_progress', 'paused', 'completed', 'aborted', 'cancelled')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        aborted_by TEXT,
+        pace TEXT NOT NULL,                    -- JSON: the current rate, since when
+        counts TEXT NOT NULL DEFAULT '{}',     -- JSON: members by state, kept with every step
+        invoked_by TEXT
+    );
+    CREATE INDEX rollouts_active ON rollouts (id) WHERE state IN ('scheduled', 'in_progress', 'paused');
+    CREATE TABLE rollout_members (
+        rollout_id INTEGER NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        device_id TEXT NOT NULL,
+        app_version TEXT NOT NULL,
+        endpoint_token TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        command_id INTEGER,                         -- the latest attempt's command
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (rollout_id, position)
+    );
+    CREATE INDEX rollout_members_state ON rollout_members (rollout_id, state, position);
+    """,
 ]
 
 
