@@ -264,6 +264,12 @@ class Serve:
     ps: psutil.Process
     port: int
     db: Path
+    http: str = ""  # its HTTP API's base URL
+
+    @property
+    def api_key(self) -> str:
+        """The key serve generated next to its database (none is configured here)."""
+        return self.db.with_name(self.db.name + ".api-key").read_text().strip()
 
 
 async def start_serve(
@@ -291,7 +297,8 @@ async def start_serve(
         spy, out, rate = profile
         argv = [spy, "record", "--format", "raw", "--threads", "--rate", str(rate), "--output", str(out), "--", *argv]
     # Its HTTP API (where this version has one) on a free port too: the default 8080 may be taken.
-    env = {"BROKER_BRIDGE_HTTP_LISTEN": f"127.0.0.1:{free_port()}"}
+    http = f"127.0.0.1:{free_port()}"
+    env = {"BROKER_BRIDGE_HTTP_LISTEN": http}
     child = await children.start(name, argv, pipe_stdout=False, env=env)
     await wait_serving(child, port, 30.0)
     ps = child.ps
@@ -300,7 +307,7 @@ async def start_serve(
         if not found:
             raise BenchError(f"py-spy started no serve process: {child.tail()}")
         ps = found[0]
-    return Serve(child=child, ps=ps, port=port, db=db)
+    return Serve(child=child, ps=ps, port=port, db=db, http=f"http://{http}")
 
 
 # -- statistics -------------------------------------------------------------------------------------

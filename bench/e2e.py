@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import psutil  # type: ignore[import-untyped]
 
 from bench.common import (
@@ -310,6 +311,9 @@ async def measure_fanout(
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+    # The same fan-out as one rollout, on the same devices, before device_stats stops them.
+    with tracker.step(f"fan-out: the same as one rollout to {devices} devices", total=devices) as advance:
+        rollout = await _rollout_to_all(rig, devices, advance, timeout_s)
     t0 = min(phase.sent.values())
     receipts = phase.marks.get("receipt", {})
     results["all_sent_s"] = round(max(phase.sent.values()) - t0, 3)
@@ -323,4 +327,73 @@ async def measure_fanout(
     results["serve_rss_mb"] = {"peak": peak_rss_mb(rig.serve.ps)}
     results["devices_counted"] = await device_stats(rig)
     results["received_vs_executed"] = ratio(results["all_received_s"], results["all_executed_s"])
+    results["rollout"] = rollout
+    if results["rollout"].get("all_executed_s") and results["all_executed_s"]:
+        results["rollout"]["speedup_vs_invokes"] = round(
+            results["all_executed_s"] / results["rollout"]["all_executed_s"], 2
+        )
     return results
+
+
+async def _rollout_to_all(rig: Rig, devices: int, advance: Any, timeout_s: float) -> dict[str, Any]:
+    """``POST /v3/rollouts`` to every device of the rig (by a label, no rate limit), timed from the
+    request to the last executed event of its commands; the devices were registered by the invokes
+    before."""
+    headers = {"Authorization": f"Bearer {rig.serve.api_key}"}
+    async with httpx.AsyncClient(base_url=rig.serve.http, headers=headers, timeout=timeout_s) as http:
+        ids: list[str] = []
+        while True:
+            page = (await http.get("/v3/devices", params={"limit": 1000, "offset": len(ids)})).json()["devices"]
+            ids += [d["id"] for d in page if d["app_version"] == rig.app_version]
+            if len(page) < 1000:
+                break
+        # Labelled first (not timed): 10,000 ids would not fit one request body (max_payload_bytes).
+        slots = asyncio.Semaphore(64)
+
+        async def label(device_id: str) -> None:
+            async with slots:
+                await http.patch(f"/v3/devices/{device_id}", json={"labels": {"rollout": rig.app_version}})
+
+        await asyncio.gather(*(label(i) for i in ids))
+        executed: set[int] = set()
+        finished = asyncio.Event()
+        async with mqtt_client(rig.port, f"bench-rollout-{uuid.uuid4().hex[:6]}") as client:
+            await client.subscribe(f"cex/events/{rig.app_version}/#", qos=1)
+
+            async def count() -> None:
+                async for message in client.messages:
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    if EXECUTED in payload and b'"rollout:' in payload:
+                        executed.add(json.loads(payload)["id"])
+                        advance(1)
+                        if len(executed) >= devices:
+                            finished.set()
+
+            counter = asyncio.create_task(count())
+            try:
+                before, started = cpu_snapshot(rig.procs), now()
+                body = {
+                    "command": {"name": COMMAND_TYPE, "arguments": {"seq": -1}, "ttl": 600},
+                    "target": {"labels": {"rollout": rig.app_version}},
+                }
+                response = await http.post("/v3/rollouts", json=body)
+                created_s = now() - started
+                if response.status_code != 201:
+                    raise BenchError(f"rollout refused: {response.status_code} {response.text[:300]}")
+                with contextlib.suppress(TimeoutError):  # reported as not all executed
+                    await asyncio.wait_for(finished.wait(), timeout_s)
+                elapsed = now() - started
+                cpu = cpu_share(before, cpu_snapshot(rig.procs), elapsed)
+            finally:
+                counter.cancel()
+                await asyncio.gather(counter, return_exceptions=True)
+        rollout = (await http.get(f"/v3/rollouts/{response.json()['rollout']['id']}")).json()["rollout"]
+    return {
+        "devices": len(ids),
+        "create_request_s": round(created_s, 3),
+        "all_executed_s": round(elapsed, 3) if len(executed) >= devices else None,
+        "executed": len(executed),
+        "state": rollout["state"],
+        "counts": {k: v for k, v in rollout["counts"].items() if v},
+        "cpu_cores": cpu,
+    }

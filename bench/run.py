@@ -27,11 +27,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import common, e2e, echo, echo_gmqtt, profiling, report, scaleout, storage
+from bench import common, e2e, echo, echo_gmqtt, profiling, report, rollouts, scaleout, storage
 from bench.common import BROKERS, ROOT, Broker, Children, mosquitto_binary
 from bench.progress import Tracker
 
-SCENARIOS = ("echo", "e2e", "storage", "fanout", "profile", "scaleout")
+SCENARIOS = ("echo", "e2e", "storage", "fanout", "profile", "scaleout", "rollout")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Scale:
     scaleout_count: int = 3_000
     scaleout_repeats: int = 3
     scaleout_rows: int = 1_000_000
+    rollout_devices: int = 100_000  # targeted, most offline: the queueing figure
+    rollout_window_s: float = 60.0  # how long the rate is watched
     window: int = 64
     fanout_window: int = 1000
     rss_settle_s: float = 2.0
@@ -93,6 +95,8 @@ SCALES = {
         scaleout_count=400,
         scaleout_repeats=1,
         scaleout_rows=50_000,
+        rollout_devices=10_000,
+        rollout_window_s=10.0,
     ),
     "tiny": Scale(
         echo_w64=150,
@@ -113,6 +117,8 @@ SCALES = {
         scaleout_count=100,
         scaleout_repeats=1,
         scaleout_rows=3_000,
+        rollout_devices=200,
+        rollout_window_s=2.0,
         scenarios=("echo", "e2e", "storage", "fanout"),
     ),
 }
@@ -126,7 +132,8 @@ def _steps(scenarios: list[str], brokers: list[Broker], scale: Scale) -> int:
             "echo": 2 * len(brokers) + (2 if "mosquitto" in brokers and echo_gmqtt.available() else 0),
             "e2e": 2 * len(brokers),
             "storage": 6,
-            "fanout": 2 if "mosquitto" in brokers else 0,
+            "fanout": 3 if "mosquitto" in brokers else 0,
+            "rollout": 3,
             "profile": len([b for b in scale.profile_brokers if b in brokers]),
             "scaleout": 2 * len(scaleout.CONFIGS) * scale.scaleout_repeats + 3 if "mosquitto" in brokers else 0,
         }[name]
@@ -249,6 +256,13 @@ def _plan(
                     ),
                 )
             )
+        elif name == "rollout":
+            rollout_args = {
+                "devices": scale.rollout_devices,
+                "per_minute": 1000.0,
+                "rate_window_s": scale.rollout_window_s,
+            }
+            steps.append((("rollout",), partial(rollouts.measure, log_level=log_level, **rollout_args, **shared)))
         elif name == "profile":
             profile_args = {
                 "endpoints": scale.e2e_endpoints,
