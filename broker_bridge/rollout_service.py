@@ -149,7 +149,7 @@ class RolloutService:
             rollout_id, now, lambda snapshot: change(snapshot, now), self._builder(rollout_id, now)
         )
         assert stepped is not None  # waited for the lock
-        self._announce(stepped)
+        self._announce(stepped, steered=True)
         log.info("rollout_steered", id=rollout_id, state=stepped.rollout.state.value)
         if stepped.rollout.state is RolloutState.IN_PROGRESS:  # resumed: send what is due now
             again = await self.step(rollout_id)
@@ -209,7 +209,8 @@ class RolloutService:
 
         return build
 
-    def _announce(self, stepped: Stepped) -> None:
+    def _announce(self, stepped: Stepped, *, steered: bool = False) -> None:
+        """``steered``: paused, resumed or cancelled, a change of state even when nothing else moved."""
         announcer = self.service.announcer
         for command in stepped.created:
             announcer.command_changed(command)
@@ -217,7 +218,7 @@ class RolloutService:
         for command in stepped.cancelled:
             announcer.command_changed(command)
             announcer.outstanding_changed(command.target, added=False)
-        if stepped.created or stepped.cancelled or stepped.settled or stepped.rollout.state not in ACTIVE:
+        if steered or stepped.created or stepped.cancelled or stepped.settled or stepped.rollout.state not in ACTIVE:
             announcer.rollout_changed(stepped.rollout)
 
 
