@@ -42,6 +42,11 @@ class RolloutState(StrEnum):
 
 ACTIVE = frozenset({RolloutState.SCHEDULED, RolloutState.IN_PROGRESS, RolloutState.PAUSED})
 FINISHED = frozenset({RolloutState.COMPLETED, RolloutState.ABORTED, RolloutState.CANCELLED})
+# Which states an operator may pause, resume or cancel from (the service refuses the rest: 409),
+# so that a page offers only the moves the service will take.
+CAN_PAUSE = frozenset({RolloutState.IN_PROGRESS, RolloutState.SCHEDULED})
+CAN_RESUME = frozenset({RolloutState.PAUSED})
+CAN_CANCEL = ACTIVE
 
 
 class DeviceState(StrEnum):
