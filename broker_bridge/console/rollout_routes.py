@@ -29,7 +29,7 @@ from broker_bridge.console.routes import (
     _service,
     _session,
 )
-from broker_bridge.errors import BadRequest, BridgeError, Conflict
+from broker_bridge.errors import BadRequest, BridgeError, Conflict, Unprocessable
 from broker_bridge.rollout_service import Preview, RolloutService, parse_spec
 from broker_bridge.rollouts import (
     CAN_CANCEL,
@@ -133,6 +133,8 @@ class RolloutForm(BaseModel):
             "retry": _given(max_attempts=self.retry_max_attempts),
             "dry_run": self.action == "preview",
         }
+        if not self.abort_outcome.strip() and (self.abort_threshold_percent.strip() or self.abort_min_executed.strip()):
+            raise Unprocessable("abort.0.outcome: choose what to abort on, or clear the threshold and minimum")
         if self.abort_outcome.strip():
             rule = {"outcome": self.abort_outcome.strip()}
             body["abort"] = [rule | _given(threshold_percent=self.abort_threshold_percent,
@@ -233,8 +235,8 @@ async def _members(request: Request, rollout_id: int, state: str, offset: int) -
         states = frozenset({DeviceState(state)}) if state else frozenset()
     except ValueError:
         raise BadRequest(f"unknown state {state!r}; one of {', '.join(s.value for s in DeviceState)}") from None
-    found, total = await _rollouts(request).members(rollout_id, states, PAGE, offset)
     rollout = await _rollouts(request).get(rollout_id)
+    found, total = await _rollouts(request).members(rollout_id, states, PAGE, offset)
     return {"rows": found, "total": total, "offset": offset, "page": PAGE, "state": state,
             "rollout_id": rollout_id, "live": rollout.state not in FINISHED}  # fmt: skip
 
