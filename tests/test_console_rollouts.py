@@ -189,6 +189,11 @@ async def test_created_rollout_is_listed_and_its_page_shows_the_counts(tmp_path:
         other = await client.get(f"/console/rollouts/{second}")
         assert "ANY_FAILURE ≥ 10.0% once 1 executed" in other.text
         assert "&#34;delay_s&#34;: 5" in other.text
+        later = await make(client, csrf, command="reboot", device_ids="hq-0", start_at="2999-01-01T00:00")
+        scheduled = await client.get(f"/console/rollouts/{later}")
+        assert shown_state(scheduled.text) == "scheduled"
+        assert "2999-01-01T00:00:00" in scheduled.text
+        assert ">Pause<" in scheduled.text
         assert (await client.get("/console/rollouts/999")).status_code == 404
 
 
@@ -236,6 +241,7 @@ async def test_bad_input_is_shown_naming_the_field(tmp_path: Path) -> None:
             ({"max_in_flight": "many"}, 422, "rate.max_in_flight"),
             ({"abort_outcome": "ERROR", "abort_threshold_percent": "150"}, 422, "abort.0.threshold_percent"),
             ({"abort_outcome": "ERROR"}, 422, "abort.0.threshold_percent"),
+            ({"abort_threshold_percent": "10"}, 422, "abort.0.outcome"),
             ({"retry_max_attempts": "0"}, 422, "retry.max_attempts"),
             ({"timeout_s": "-1"}, 422, "timeout_s"),
             ({"start_at": "soon"}, 422, "start_at"),

@@ -57,7 +57,9 @@ async def test_operator_previews_creates_and_watches_a_rollout(browser: Any, tmp
         assert await preview.get_by_role("list", name="Targeted devices").get_by_role("listitem").count() == 3
         assert await rollouts.page(10, 0) == ([], 0)
 
-        # Create: to its page, which follows the rollout live.
+        # Create: to its page, which follows the rollout live (the events stream: well before the
+        # 10 s refresh that would catch up without it).
+        created_at = asyncio.get_running_loop().time()
         await page.get_by_role("button", name="Create").click()
         await page.get_by_role("heading", name="Rollout 1").wait_for(timeout=WAIT_MS)
         await page.evaluate("() => { window.notReloaded = true; }")
@@ -65,6 +67,8 @@ async def test_operator_previews_creates_and_watches_a_rollout(browser: Any, tmp
         await progress.get_by_test_id("count-succeeded").filter(has_text="1").wait_for(timeout=WAIT_MS)
         await progress.get_by_test_id("rollout-state").filter(has_text="aborted").wait_for(timeout=WAIT_MS)
         await progress.get_by_test_id("aborted-by").filter(has_text="TIMEOUT 2 of 3").wait_for(timeout=WAIT_MS)
+        assert asyncio.get_running_loop().time() - created_at < 8, "the page followed only the 10 s refresh"
+        assert any("/console/events/rollouts?rollout=1" in u for u in requested)
         assert await progress.get_by_test_id("count-timed_out").inner_text() == "2"
         assert await page.evaluate("() => window.notReloaded === true")
         chart = page.get_by_role("img", name="Device states: 1 succeeded, 2 timed_out")
