@@ -24,6 +24,9 @@ from broker_bridge.errors import BadRequest, BridgeError, Conflict, RolloutNotFo
 from broker_bridge.protocol import check_document
 from broker_bridge.rollouts import (
     ACTIVE,
+    CAN_CANCEL,
+    CAN_PAUSE,
+    CAN_RESUME,
     MAX_TARGETS,
     DeviceState,
     Member,
@@ -149,7 +152,7 @@ class RolloutService:
             rollout_id, now, lambda snapshot: change(snapshot, now), self._builder(rollout_id, now)
         )
         assert stepped is not None  # waited for the lock
-        self._announce(stepped)
+        self._announce(stepped, steered=True)
         log.info("rollout_steered", id=rollout_id, state=stepped.rollout.state.value)
         if stepped.rollout.state is RolloutState.IN_PROGRESS:  # resumed: send what is due now
             again = await self.step(rollout_id)
@@ -209,7 +212,8 @@ class RolloutService:
 
         return build
 
-    def _announce(self, stepped: Stepped) -> None:
+    def _announce(self, stepped: Stepped, *, steered: bool = False) -> None:
+        """``steered``: paused, resumed or cancelled, a change of state even when nothing else moved."""
         announcer = self.service.announcer
         for command in stepped.created:
             announcer.command_changed(command)
@@ -217,7 +221,7 @@ class RolloutService:
         for command in stepped.cancelled:
             announcer.command_changed(command)
             announcer.outstanding_changed(command.target, added=False)
-        if stepped.created or stepped.cancelled or stepped.settled or stepped.rollout.state not in ACTIVE:
+        if steered or stepped.created or stepped.cancelled or stepped.settled or stepped.rollout.state not in ACTIVE:
             announcer.rollout_changed(stepped.rollout)
 
 
@@ -229,7 +233,7 @@ def _active_step(snapshot: Snapshot, now: datetime) -> Plan:
 
 def _pause(snapshot: Snapshot, now: datetime) -> Plan:
     rollout = snapshot.rollout
-    if rollout.state not in (RolloutState.IN_PROGRESS, RolloutState.SCHEDULED):
+    if rollout.state not in CAN_PAUSE:
         raise Conflict(f"rollout {rollout.id} is {rollout.state.value}: only one in progress or scheduled can pause")
     paused = dataclasses.replace(rollout, state=RolloutState.PAUSED, updated_at=now)
     return dataclasses.replace(rollouts.plan(dataclasses.replace(snapshot, rollout=paused), now), send=0)
@@ -237,7 +241,7 @@ def _pause(snapshot: Snapshot, now: datetime) -> Plan:
 
 def _resume(snapshot: Snapshot, now: datetime) -> Plan:
     rollout = snapshot.rollout
-    if rollout.state is not RolloutState.PAUSED:
+    if rollout.state not in CAN_RESUME:
         raise Conflict(f"rollout {rollout.id} is {rollout.state.value}: only a paused one can resume")
     # The rate starts again from now: the pause is no credit for a burst.
     pace = dataclasses.replace(rollout.pace, since=now, sent_before=rollouts.attempts_sent(rollout.counts))
@@ -247,7 +251,7 @@ def _resume(snapshot: Snapshot, now: datetime) -> Plan:
 
 def _cancel(snapshot: Snapshot, now: datetime) -> Plan:
     rollout = snapshot.rollout
-    if rollout.state not in ACTIVE:
+    if rollout.state not in CAN_CANCEL:
         raise Conflict(f"rollout {rollout.id} is {rollout.state.value} already")
     cancelled = dataclasses.replace(rollout, state=RolloutState.CANCELLED, finished_at=now, updated_at=now)
     return Plan(settle=[], send=0, rollout=cancelled, cancel_open=True)

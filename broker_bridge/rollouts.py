@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from broker_bridge.commands import Command, CommandState, NewCommand
 from broker_bridge.devices import Device
@@ -42,6 +42,11 @@ class RolloutState(StrEnum):
 
 ACTIVE = frozenset({RolloutState.SCHEDULED, RolloutState.IN_PROGRESS, RolloutState.PAUSED})
 FINISHED = frozenset({RolloutState.COMPLETED, RolloutState.ABORTED, RolloutState.CANCELLED})
+# Which states an operator may pause, resume or cancel from (the service refuses the rest: 409),
+# so that a page offers only the moves the service will take.
+CAN_PAUSE = frozenset({RolloutState.IN_PROGRESS, RolloutState.SCHEDULED})
+CAN_RESUME = frozenset({RolloutState.PAUSED})
+CAN_CANCEL = ACTIVE
 
 
 class DeviceState(StrEnum):
@@ -126,7 +131,7 @@ class RolloutSpec(_Strict):
     abort: list[AbortRule] = Field(default_factory=list, max_length=10)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_s: float | None = Field(default=None, gt=0, description="Per device command (its TTL)")
-    start_at: datetime | None = None
+    start_at: AwareDatetime | None = Field(default=None, description="With a timezone (Z or +hh:mm)")
     dry_run: bool = False
 
     def command_ttl(self) -> float | None:

@@ -327,3 +327,10 @@ async def test_unknown_targets_are_refused(store: CommandStore) -> None:
         await rollouts.create(spec(target={"labels": {"site": "moon"}}))
     with pytest.raises(Unprocessable, match=r"target\.device_ids: no device 'nope'"):
         await rollouts.create(spec(target={"device_ids": ["d0", "nope"]}))
+
+
+def test_start_at_needs_a_timezone() -> None:
+    """A start time without a timezone is ambiguous: refused naming the field, not a crash."""
+    with pytest.raises(Unprocessable, match=r"^start_at: "):
+        spec(start_at="2026-12-05T02:00:00")
+    assert spec(start_at="2026-12-05T02:00:00Z").start_at == datetime(2026, 12, 5, 2, tzinfo=UTC)

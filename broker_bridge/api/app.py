@@ -13,6 +13,7 @@ from broker_bridge import __version__
 from broker_bridge.api import docs, errors, kaa, kp1, ops, rollouts, v3
 from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
 from broker_bridge.api.errors import error_response
+from broker_bridge.console import rollout_routes as console_rollouts
 from broker_bridge.console import routes as console_routes
 from broker_bridge.console.live import LiveEvents
 from broker_bridge.errors import BridgeError, PayloadTooLarge
@@ -126,4 +127,5 @@ def create_app(
         app.include_router(router)
     docs.install(app)
     console_routes.install(app)
+    app.include_router(console_rollouts.router)
     return app

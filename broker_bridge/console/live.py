@@ -1,5 +1,6 @@
 """What the console's live views hear: every committed change this instance announces, fanned out
-to the open server-sent-event streams. An Announcer (``service.Announcers`` includes it)."""
+to the open server-sent-event streams (commands by device, rollouts by id). An Announcer
+(``service.Announcers`` includes it)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,25 @@ class Listener:
         self.queue.put_nowait(command_id)
 
 
+@dataclass(eq=False)
+class RolloutListener:
+    """One open stream of rollout changes: the rollout it watches (None: every rollout)."""
+
+    rollout_id: int | None
+    queue: asyncio.Queue[int] = field(default_factory=lambda: asyncio.Queue(QUEUE))
+
+    def offer(self, rollout_id: int) -> None:
+        if self.rollout_id is not None and self.rollout_id != rollout_id:
+            return
+        if self.queue.full():  # behind: what it holds already makes the page refresh
+            return
+        self.queue.put_nowait(rollout_id)
+
+
 class LiveEvents:
     def __init__(self) -> None:
         self.listeners: set[Listener] = set()
+        self.rollout_listeners: set[RolloutListener] = set()
 
     def listen(self, endpoint: tuple[str, str] | None) -> Listener:
         listener = Listener(endpoint)
@@ -42,6 +59,14 @@ class LiveEvents:
 
     def forget(self, listener: Listener) -> None:
         self.listeners.discard(listener)
+
+    def listen_rollouts(self, rollout_id: int | None) -> RolloutListener:
+        listener = RolloutListener(rollout_id)
+        self.rollout_listeners.add(listener)
+        return listener
+
+    def forget_rollouts(self, listener: RolloutListener) -> None:
+        self.rollout_listeners.discard(listener)
 
     # -- Announcer ----------------------------------------------------------------------------
     def command_changed(self, command: Command) -> None:
@@ -60,4 +85,5 @@ class LiveEvents:
         pass
 
     def rollout_changed(self, rollout: Rollout) -> None:
-        pass
+        for listener in self.rollout_listeners:
+            listener.offer(rollout.id)

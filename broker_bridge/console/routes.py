@@ -515,7 +515,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SignInRequired)
     async def sign_in(request: Request, exc: SignInRequired) -> Response:
-        if request.headers.get("hx-request") or request.url.path == "/console/events":
+        if request.headers.get("hx-request") or request.url.path.startswith("/console/events"):
             return Response("sign in first", status_code=401, headers={"HX-Redirect": "/console/login"})
         return RedirectResponse("/console/login", status_code=303)
 
