@@ -28,7 +28,7 @@ from broker_bridge.config import BrokerAddress
 from broker_bridge.delivery import MAX_PUSH_BYTES, first_message
 from broker_bridge.errors import BridgeError, PayloadTooLarge, StoreUnavailable
 from broker_bridge.outbox import Outbox, Publication, log_left_out
-from broker_bridge.paho_io import BufferedReads, BufferedWrites
+from broker_bridge.paho_io import BufferedReads, BufferedWrites, SessionWatch
 from broker_bridge.rollout_service import Preview, RolloutService, parse_spec
 from broker_bridge.rollouts import to_record as rollout_record
 from broker_bridge.service import CommandService
@@ -226,6 +226,8 @@ class Bridge:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._attempt = 0  # failed connection attempts since the last good session
+        self._session: SessionWatch | None = None
+        self._had_session = False  # this process held a persistent session with the broker before
 
     # -- connection ---------------------------------------------------------------------------
     def _client(self) -> aiomqtt.Client:
@@ -239,6 +241,7 @@ class Bridge:
         # aiomqtt warns on every call once more than 10 are pending; under load that is a log line
         # per publish (measured: 4.5% of the bridge's CPU). Hundreds in flight are normal here.
         client.pending_calls_threshold = PENDING_CALLS_WARN
+        self._session = SessionWatch(client._client)  # aiomqtt internal: its paho client
         return client
 
     def _session_options(self) -> dict[str, Any]:
@@ -286,13 +289,25 @@ class Bridge:
         # The embedded broker knows its sessions; an external one is told by the devices themselves.
         await link.subscribe(self.scheme.bridge_filters(presence=self.local is None))
         if self.local is None:
+            present = self._session.present if self._session is not None else None
             log.info(
                 "mqtt_connected",
                 host=self.address.host,
                 port=self.address.port,
                 client_id=self.client_id,
                 share_group=self.share_group,
+                session_present=present,
             )
+            if self.persistent_session and self._had_session and present is False:
+                # The broker lost what it held for us while we were away (a broker restarted
+                # without its persistence file): devices' messages queued for the bridge are gone.
+                log.warning(
+                    "broker_session_lost",
+                    client_id=self.client_id,
+                    hint="messages queued for the bridge while it was away were lost by the broker; "
+                    "check the broker's persistence (Mosquitto: persistence true, autosave_interval)",
+                )
+            self._had_session = self.persistent_session
         else:
             log.info("broker_attached", mode="in-process", client_id=self.client_id)
         self._attempt = 0

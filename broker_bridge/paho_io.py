@@ -244,3 +244,18 @@ class BufferedWrites:
             close()
 
         return sock_close
+
+
+class SessionWatch:
+    """Whether the broker kept the session, from each CONNACK's session-present flag (paho's
+    ``on_connect`` flags; aiomqtt does not pass them on). Wraps aiomqtt's own ``on_connect``."""
+
+    def __init__(self, paho: mqtt.Client) -> None:
+        self.present: bool | None = None  # None: no CONNACK yet
+        self._inner: Callable[..., None] | None = paho.on_connect
+        paho.on_connect = self._on_connect
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, *rest: object) -> None:
+        self.present = bool(getattr(flags, "session_present", False))
+        if self._inner is not None:
+            self._inner(client, userdata, flags, *rest)

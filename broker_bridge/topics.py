@@ -120,12 +120,19 @@ def parse_positive_int(level: str) -> int | None:
     return value if value > 0 else None
 
 
+MAX_NAME = 256  # characters of an endpoint token or app version, on every path (HTTP caps path levels so)
+
+
 def check_endpoint_token(token: str) -> None:
+    if len(token) > MAX_NAME:
+        raise BadRequest(f"endpoint token of {len(token)} characters: at most {MAX_NAME}")
     if not token or any(ch in token for ch in "+#/.") or "\x00" in token:
         raise BadRequest(f"invalid endpoint token {token!r}: must be non-empty without + # / .")
 
 
 def check_app_version(app_version: str) -> None:
+    if len(app_version) > MAX_NAME:
+        raise BadRequest(f"app version of {len(app_version)} characters: at most {MAX_NAME}")
     if not app_version or any(ch in app_version for ch in "+#/") or "\x00" in app_version:
         raise BadRequest(f"invalid app version {app_version!r}: must be non-empty without + # /")
 

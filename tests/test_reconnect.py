@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import structlog.testing
 
 from tests.conftest import MosquittoProcess
 from tests.harness import make_settings, probe, running_service
@@ -31,3 +34,22 @@ async def test_bridge_reconnects_after_mosquitto_restart(
             else:
                 raise AssertionError("the bridge never came back")
     assert after.json()["id"] > before.json()["id"]
+
+
+async def test_a_lost_broker_session_is_logged(tmp_path: Path, app_version: str, mosquitto: MosquittoProcess) -> None:
+    """Mosquitto without persistence restarted: the bridge's persistent session is gone, and the
+    bridge says so when it reconnects (messages the broker queued for it were lost)."""
+    settings = make_settings(tmp_path, mosquitto.port, broker_url=mosquitto.url)
+    with structlog.testing.capture_logs() as logged:
+        async with running_service(settings):
+            mosquitto.stop()
+            mosquitto.start()
+            for _ in range(100):
+                if any(e["event"] == "broker_session_lost" for e in logged):
+                    break
+                await asyncio.sleep(0.1)
+    connects = [e for e in logged if e["event"] == "mqtt_connected"]
+    assert [e["session_present"] for e in connects[:2]] == [False, False]
+    (lost,) = [e for e in logged if e["event"] == "broker_session_lost"]
+    assert lost["log_level"] == "warning"
+    assert "persistence" in lost["hint"]

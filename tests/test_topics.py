@@ -492,6 +492,8 @@ def test_multi_level_kp1_prefix() -> None:
         ("app-v1", "dev+1", "reboot", "endpoint token"),
         ("app-v1", "dev#1", "reboot", "endpoint token"),
         ("app-v1", "dev\x001", "reboot", "endpoint token"),
+        ("app-v1", "t" * 257, "reboot", "endpoint token of 257 characters"),  # was accepted up to 65,000 over MQTT
+        ("a" * 257, "dev1", "reboot", "app version of 257 characters"),
         ("app-v1", "dev1", "", "command type"),
         ("app-v1", "dev1", "re boot", "command type"),
         ("app-v1", "dev1", "x" * 129, "command type"),
@@ -507,6 +509,7 @@ def test_make_target_refuses_bad_parts(app_version: str, token: str, command_typ
 
 def test_make_target_accepts_dotted_app_version_and_unicode_token() -> None:
     """App versions may contain dots; tokens may be any non-empty text without + # / ."""
+    assert make_target("a" * 256, "t" * 256, "reboot").endpoint_token == "t" * 256  # the limits themselves
     assert make_target("app-v1.2", "gerät-ü", "reboot") == Target(
         app_version="app-v1.2", endpoint_token="gerät-ü", command_type="reboot"
     )
