@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     mqtt_password_file: Path | None = None
     mqtt_acl_file: Path | None = None
     allow_anonymous: bool = False  # embedded broker: listen beyond loopback without a password file
+    # With mqtt_password_file: the KP1 HTTP binding requires the same logins (HTTP Basic) and ACL.
+    http_device_logins: bool = True
     registry_mode: RegistryMode = RegistryMode.OPEN
     instance: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     client_id: str | None = None  # None: broker-bridge-<instance>

@@ -54,6 +54,12 @@ class Unauthorized(BridgeError):
     status_code = 401
 
 
+class Forbidden(BridgeError):
+    """Logged in, but not allowed this (the ACL refuses the account the endpoint)."""
+
+    status_code = 403
+
+
 class RolloutNotFound(BridgeError):
     """No such rollout."""
 

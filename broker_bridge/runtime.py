@@ -24,6 +24,7 @@ from broker_bridge import http_server
 from broker_bridge.api import create_app
 from broker_bridge.bridge import Bridge
 from broker_bridge.broker import EmbeddedBroker, InProcessLink
+from broker_bridge.broker_auth import AccessControl
 from broker_bridge.config import Settings, parse_listen
 from broker_bridge.console.live import LiveEvents
 from broker_bridge.errors import StartupError, StoreUnavailable
@@ -224,8 +225,19 @@ async def serve(settings: Settings, on_ready: Callable[[CommandService], None] |
             share_group=settings.share_group if settings.shared else None,
         )
         metrics.watch_connection(bridge.connected.is_set)
+        device_access = None
+        if settings.mqtt_password_file is not None and settings.http_device_logins:
+            device_access = AccessControl.from_files(
+                bridge_client_id=settings.bridge_client_id,
+                bridge_password=None,
+                password_file=settings.mqtt_password_file,
+                acl_file=settings.mqtt_acl_file,
+            )
+            if device_access is not None:
+                stack.callback(device_access.close)
         app = create_app(
             service,
+            device_access=device_access,
             api_keys=keys,
             key_names=settings.key_names,
             scheme=scheme,

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from broker_bridge.broker import EmbeddedBroker
 from broker_bridge.broker_auth import Access, Acl, PasswordFile, Principal, filter_covers, topic_matches
 from broker_bridge.errors import StartupError
+from tests.conftest import free_port
 from tests.harness import Probe, make_settings, running_service
 
 QUIET = 0.5  # how long "nothing arrives" is watched for, after a barrier made a leak very likely already
@@ -700,3 +702,31 @@ async def test_invoked_by_names_the_admin_login(service: Service) -> None:
         assert await service.poll(dev_a, "devA", 3) == [{"id": record["id"], "payload": {"n": 1}}]
         again = await service.invoke(admin, "devA", rid=4)
         assert (again["invokedBy"], again["deviceSeen"]) == ("mqtt:admin", True)
+
+
+async def test_the_http_binding_needs_the_same_logins(port: int, tmp_path: Path, app_version: str) -> None:
+    """With the password file and ACL, knowing a token is not enough over HTTP either: no
+    credentials is 401 (with a Basic challenge), another device's endpoint 403, a forged result is
+    stored nowhere; the device's own account works; http_device_logins = false turns it off."""
+    with secured_files(tmp_path) as files:
+        settings = make_settings(tmp_path, port, **files)
+        async with running_service(settings), httpx.AsyncClient(base_url=f"http://{settings.http_listen}") as http:
+            poll_b = f"/kp1/{app_version}/cex/devB/command/reboot"
+            anonymous = await http.post(poll_b, json={})
+            assert anonymous.status_code == 401
+            assert anonymous.headers["www-authenticate"].startswith("Basic")
+            assert anonymous.json()["statusCode"] == 401
+            wrong = await http.post(poll_b, json={}, auth=("devB", "pass-A"))
+            assert wrong.status_code == 401
+            other = await http.post(poll_b, json={}, auth=("devA", "pass-A"))
+            assert (other.status_code, other.json()["statusCode"]) == (403, 403)
+            result_b = f"/kp1/{app_version}/cex/devB/result/reboot"
+            forged = await http.post(result_b, json=[{"id": 1, "statusCode": 200}], auth=("devA", "pass-A"))
+            assert forged.status_code == 403
+            own = await http.post(poll_b, json={}, auth=("devB", "pass-B"))
+            assert (own.status_code, own.json()) == (200, [])
+    (tmp_path / "off").mkdir()
+    with secured_files(tmp_path / "off") as files:
+        settings = make_settings(tmp_path / "off", free_port(), http_device_logins=False, **files)
+        async with running_service(settings), httpx.AsyncClient(base_url=f"http://{settings.http_listen}") as http:
+            assert (await http.post(f"/kp1/{app_version}/cex/devB/command/reboot", json={})).status_code == 200

@@ -13,6 +13,7 @@ from broker_bridge import __version__
 from broker_bridge.api import docs, errors, kaa, kp1, ops, rollouts, v3
 from broker_bridge.api.auth import ADMIN_PREFIXES, check_key
 from broker_bridge.api.errors import error_response
+from broker_bridge.broker_auth import AccessControl
 from broker_bridge.console import rollout_routes as console_rollouts
 from broker_bridge.console import routes as console_routes
 from broker_bridge.console.live import LiveEvents
@@ -105,6 +106,7 @@ def create_app(
     metrics: Metrics,
     broker_connected: Callable[[], bool],
     live: LiveEvents | None = None,
+    device_access: AccessControl | None = None,
 ) -> FastAPI:
     """``live``: the announcer the console's live views listen to (one that hears nothing if None).
     ``key_names``: the names of the keys (by ``keys.fingerprint``; see ``keys.name_by_print``)."""
@@ -114,6 +116,7 @@ def create_app(
     app.state.service = service
     app.state.api_keys = tuple(api_keys)
     app.state.key_names = dict(key_names or {})
+    app.state.device_access = device_access  # logins the KP1 HTTP binding requires (None: none)
     app.state.scheme = scheme
     app.state.max_payload_bytes = max_payload_bytes
     app.state.metrics = metrics

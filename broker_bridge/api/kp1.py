@@ -6,16 +6,23 @@ unknown token gets 404. Errors carry the KP1 error body with the matching HTTP s
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
 
 from broker_bridge import cep, protocol
-from broker_bridge.errors import BridgeError, CommandNotFound, PayloadTooLarge
+from broker_bridge.broker_auth import Access, AccessControl
+from broker_bridge.errors import BridgeError, CommandNotFound, Forbidden, PayloadTooLarge, Unauthorized
 from broker_bridge.service import CommandService
-from broker_bridge.topics import Codec, Format, make_target
+from broker_bridge.topics import Codec, Format, Resource, make_target
+
+log = structlog.get_logger(__name__)
+BASIC = {"WWW-Authenticate": 'Basic realm="kp1 devices"'}
 
 MSGPACK_TYPE = "application/msgpack"
 router = APIRouter(prefix="/kp1/{app_version}/{extension}/{token}", tags=["KP1 device binding"])
@@ -52,9 +59,34 @@ async def _delivered(service: CommandService, command_ids: list[int]) -> None:
 
 
 def _reply(body: Any, fmt: Format, status: int = 200) -> Response:
+    headers = BASIC if status == Unauthorized.status_code else None
     if fmt.codec is Codec.MSGPACK:
-        return Response(protocol.encode(body, Codec.MSGPACK), status_code=status, media_type=MSGPACK_TYPE)
-    return JSONResponse(body, status_code=status)
+        encoded = protocol.encode(body, Codec.MSGPACK)
+        return Response(encoded, status_code=status, media_type=MSGPACK_TYPE, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _device_login(request: Request, topic: str) -> None:
+    """With MQTT logins configured, an HTTP device proves who it is as over MQTT: HTTP Basic with
+    its account of the password file, and the ACL must let that account publish the equivalent
+    KP1 topic. The token alone is not a secret (it is also the MQTT user name)."""
+    access: AccessControl | None = request.app.state.device_access
+    if access is None:
+        return
+    scheme, _, encoded = (request.headers.get("authorization") or "").partition(" ")
+    username = password = None
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            username, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    if username is None:
+        raise Unauthorized("this service requires device logins: send HTTP Basic with the device's MQTT account")
+    principal = await access.login(client_id=f"http-{username}", username=username, password=password)
+    if principal is None:
+        log.warning("http_device_login_refused", username=username[:64])
+        raise Unauthorized("bad device credentials")
+    if not access.permits(principal, Access.PUBLISH, topic):
+        log.warning("http_device_access_refused", username=username[:64], topic=topic[:200])
+        raise Forbidden(f"account {username!r} may not use this endpoint")
 
 
 async def _command(request: Request, app_version: str, extension: str, token: str, kind: str, fmt: Format) -> Response:
@@ -62,6 +94,7 @@ async def _command(request: Request, app_version: str, extension: str, token: st
         _check_extension(request, extension)
         service: CommandService = request.app.state.service
         target = make_target(app_version, token, kind)
+        await _device_login(request, request.app.state.scheme.device_topic(Resource.COMMAND, target, fmt))
         items = await cep.poll(service, target, fmt, await _body(request))
         response = _reply(items, fmt)
         # Once the response is written, the device has them: their proof of delivery.
@@ -76,6 +109,7 @@ async def _result(request: Request, app_version: str, extension: str, token: str
         _check_extension(request, extension)
         service: CommandService = request.app.state.service
         target = make_target(app_version, token, kind)
+        await _device_login(request, request.app.state.scheme.device_topic(Resource.RESULT, target, fmt))
         reply = await cep.results(service, target, fmt, await _body(request))
     except BridgeError as exc:
         reply = protocol.error_body(exc.status_code, exc.reason)
