@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from broker_bridge.errors import CommandFinished
+from broker_bridge.errors import CommandFinished, PayloadTooLarge
 from broker_bridge.topics import Target
 
 
@@ -131,10 +132,40 @@ def _move(command: Command, state: CommandState, now: datetime, **changes: Any) 
     return dataclasses.replace(command, state=state, updated_at=now, **changes)
 
 
+# A command's log is bounded: measured without a bound, 100 progress reports of 100 KB made every
+# event of the command 9.7 MB and the database 0.3 -> 39 MB. A progress report past either bound is
+# refused (the final result is always taken: the command must be able to finish).
+MAX_LOG_ENTRIES = 100
+MAX_LOG_BYTES = 1024 * 1024  # the progress payloads of one command, as JSON
+
+
+def _payload_bytes(payload: Any) -> int:
+    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def check_log_room(command: Command, report: Report) -> None:
+    """PayloadTooLarge if a progress report would take the command's log past its bounds."""
+    if report.is_final:
+        return
+    if len(command.log) >= MAX_LOG_ENTRIES:
+        raise PayloadTooLarge(
+            f"command {command.id} already has {len(command.log)} reports (at most {MAX_LOG_ENTRIES}); "
+            "send its final result"
+        )
+    used = sum(_payload_bytes(r.payload) for r in command.log)
+    if used + _payload_bytes(report.payload) > MAX_LOG_BYTES:
+        raise PayloadTooLarge(
+            f"command {command.id}'s progress payloads would exceed {MAX_LOG_BYTES} bytes; send its final result"
+        )
+
+
 def apply_report(command: Command, report: Report) -> Command:
-    """The command after a device report; raises CommandFinished if it can take none."""
+    """The command after a device report; raises CommandFinished if it can take none, and
+    PayloadTooLarge for a progress report its log has no room for."""
     if command.is_due(report.received_at):
         raise CommandFinished(f"command {command.id} expired at {rfc3339(command.expires_at)}")
+    if command.is_open:
+        check_log_room(command, report)
     log = (*command.log, report)
     # A report proves the device had the command; it was handed to it by then at the latest.
     delivered = command.delivered_at or report.received_at

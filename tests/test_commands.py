@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from broker_bridge.commands import (
     FINAL_STATES,
+    MAX_LOG_BYTES,
+    MAX_LOG_ENTRIES,
     OPEN_STATES,
     TRANSITIONS,
     Command,
@@ -28,7 +30,8 @@ from broker_bridge.commands import (
     rfc3339,
     to_record,
 )
-from broker_bridge.errors import CommandFinished
+from broker_bridge.errors import CommandFinished, PayloadTooLarge
+from broker_bridge.store.base import resolve_report
 from broker_bridge.topics import Target
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -358,3 +361,22 @@ def test_rfc3339_converts_to_utc(moment: datetime, expected: str) -> None:
 def test_delivery_item() -> None:
     """Devices see only id and payload of an outstanding command."""
     assert delivery_item(pending(payload={"delay": 5})) == {"id": 7, "payload": {"delay": 5}}
+
+
+def test_a_commands_log_is_bounded_but_its_final_result_always_lands() -> None:
+    """Progress reports past MAX_LOG_ENTRIES, or past MAX_LOG_BYTES of payload, are refused with a
+    413 naming the command; the final result is taken all the same."""
+    command = pending()
+    for n in range(MAX_LOG_ENTRIES):
+        command = apply_report(command, report(102, after_s=1 + n / 1000, payload=n))
+    with pytest.raises(PayloadTooLarge, match="already has 100 reports"):
+        apply_report(command, report(102, after_s=2))
+    done = apply_report(command, report(200, after_s=2))
+    assert (done.state, len(done.log)) == (CommandState.EXECUTED, MAX_LOG_ENTRIES + 1)
+    big = "x" * (MAX_LOG_BYTES // 2)
+    halfway = apply_report(pending(), report(102, payload=big))
+    with pytest.raises(PayloadTooLarge, match="would exceed"):
+        apply_report(halfway, report(102, after_s=2, payload=big))
+    outcome = resolve_report(halfway, halfway.target, halfway.id, report(102, after_s=2, payload=big))
+    assert outcome.error is not None
+    assert (outcome.error.status_code, outcome.changed) == (413, False)

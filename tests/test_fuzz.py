@@ -85,7 +85,7 @@ def is_request_id(level: str) -> bool:
 
 
 def app_version_ok(name: str) -> bool:
-    return bool(name) and not any(ch in name for ch in "+#/\x00")
+    return 0 < len(name) <= 256 and not any(ch in name for ch in "+#/\x00")  # topics.md: at most 256
 
 
 def token_ok(name: str) -> bool:

@@ -25,7 +25,7 @@ from broker_bridge.commands import (
     rfc3339,
 )
 from broker_bridge.devices import Device
-from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound, LimitExceeded
+from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound, LimitExceeded, PayloadTooLarge
 from broker_bridge.rollouts import Build, Decide, DeviceState, Member, Pace, Rollout, RolloutSpec, RolloutState, Stepped
 from broker_bridge.topics import Format, Target
 
@@ -341,7 +341,7 @@ def resolve_report(current: Command | None, target: Target, command_id: int, rep
         return ReportOutcome(command_id=command_id, command=log_late_report(expired, report), error=error, changed=True)
     try:
         updated = apply_report(current, report)
-    except CommandFinished as exc:
+    except (CommandFinished, PayloadTooLarge) as exc:
         return ReportOutcome(command_id=command_id, command=current, error=exc, changed=False)
     return ReportOutcome(command_id=command_id, command=updated, error=None, changed=True)
 
