@@ -16,7 +16,7 @@ from typing import Any
 
 import aiomqtt
 
-from broker_bridge import logs, runtime
+from broker_bridge import __version__, logs, runtime
 from broker_bridge.api import views
 from broker_bridge.bridge import client_options
 from broker_bridge.commands import Command, CommandState, rfc3339, to_record
@@ -49,6 +49,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker-bridge", description="Kaa KP1 command execution over MQTT")
+    parser.add_argument("--version", action="version", version=f"broker-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service (embedded broker unless --broker-url)")
     _common(serve)

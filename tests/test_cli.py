@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from broker_bridge import __version__
 from broker_bridge.cli import main
 from tests.conftest import free_port
 
@@ -148,3 +151,14 @@ def test_cli_works_against_postgresql(capsys: pytest.CaptureFixture[str], pg_url
     listed = json.loads(cli("devices", "list", "--json")[1])
     assert {d["endpoint_token"] for d in listed} == {"t1", "t2"}  # t1 registered by its invoke (open mode)
     assert "d2" in {d["id"] for d in listed}
+
+
+def test_version_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` prints the package's version; ``python -m broker_bridge`` is the same CLI."""
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"broker-bridge {__version__}"
+    argv = [sys.executable, "-m", "broker_bridge", "--version"]
+    run = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert (run.returncode, run.stdout.strip()) == (0, f"broker-bridge {__version__}")
