@@ -85,12 +85,8 @@ class RolloutService:
             return Preview(count=len(devices), device_ids=[d.device_id for d in devices[:PREVIEW]])
         now = self.service.clock()
         rollout = await self.store.create_rollout(
-            spec,
-            state=rollouts.start_state(spec, now),
-            pace=rollouts.first_pace(spec, now),
-            now=now,
-            members=[(d.device_id, d.app_version, d.endpoint_token) for d in devices],
-            invoked_by=invoked_by,
+            rollouts.draft(spec, now, len(devices), invoked_by),
+            [(d.device_id, d.app_version, d.endpoint_token) for d in devices],
         )
         log.info("rollout_created", id=rollout.id, devices=len(devices), invoked_by=invoked_by)
         self.service.announcer.rollout_changed(rollout)

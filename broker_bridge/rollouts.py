@@ -188,6 +188,15 @@ class Member:
     updated_at: datetime
 
 
+def draft(spec: RolloutSpec, now: datetime, targets: int, invoked_by: str | None) -> Rollout:
+    """A new rollout of ``targets`` queued devices, before the store gives it its id."""
+    counts = {DeviceState.QUEUED: targets} if targets else {}
+    return Rollout(
+        id=0, spec=spec, state=start_state(spec, now), created_at=now, updated_at=now,
+        pace=first_pace(spec, now), counts=counts, invoked_by=invoked_by,
+    )  # fmt: skip
+
+
 def first_pace(spec: RolloutSpec, now: datetime) -> Pace:
     ramp = spec.rate.ramp
     if ramp is None:

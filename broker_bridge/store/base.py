@@ -26,7 +26,7 @@ from broker_bridge.commands import (
 )
 from broker_bridge.devices import Device
 from broker_bridge.errors import BridgeError, CommandFinished, CommandNotFound, LimitExceeded, PayloadTooLarge
-from broker_bridge.rollouts import Build, Decide, DeviceState, Member, Pace, Rollout, RolloutSpec, RolloutState, Stepped
+from broker_bridge.rollouts import Build, Decide, DeviceState, Member, Rollout, Stepped
 from broker_bridge.topics import Format, Target
 
 # The expiry sweep takes its batch from the EXPIRE_WINDOW x limit earliest deadlines, lowest ids
@@ -110,17 +110,9 @@ class OpenSummary:
 class RolloutStore(Protocol):
     """Fleet rollouts (``broker_bridge.rollouts``): what every store keeps of them."""
 
-    async def create_rollout(
-        self,
-        spec: RolloutSpec,
-        *,
-        state: RolloutState,
-        pace: Pace,
-        now: datetime,
-        members: Sequence[tuple[str, str, str]],
-        invoked_by: str | None,
-    ) -> Rollout:
-        """A new rollout and its members (device id, app version, token), all queued, in one write."""
+    async def create_rollout(self, draft: Rollout, members: Sequence[tuple[str, str, str]]) -> Rollout:
+        """Store a new rollout (``draft``, from ``rollouts.draft``; its id is assigned here) and its
+        members (device id, app version, token), all queued, in one write."""
         ...
 
     async def get_rollout(self, rollout_id: int) -> Rollout | None: ...

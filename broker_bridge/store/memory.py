@@ -18,10 +18,7 @@ from broker_bridge.rollouts import (
     Decide,
     DeviceState,
     Member,
-    Pace,
     Rollout,
-    RolloutSpec,
-    RolloutState,
     Snapshot,
     Stepped,
     counted,
@@ -58,27 +55,16 @@ class MemoryRollouts:
     async def create(self, new: NewCommand) -> Command:
         raise NotImplementedError
 
-    async def create_rollout(
-        self,
-        spec: RolloutSpec,
-        *,
-        state: RolloutState,
-        pace: Pace,
-        now: datetime,
-        members: Sequence[tuple[str, str, str]],
-        invoked_by: str | None,
-    ) -> Rollout:
-        rollout_id = len(self._rollouts) + 1
-        counts = {DeviceState.QUEUED: len(members)} if members else {}
-        rollout = Rollout(
-            id=rollout_id, spec=spec, state=state, created_at=now, updated_at=now, pace=pace, counts=counts,
-            invoked_by=invoked_by,
-        )  # fmt: skip
-        self._rollouts[rollout_id] = rollout
-        self._members[rollout_id] = [
-            Member(position=n, device_id=d, app_version=av, endpoint_token=t, state=DeviceState.QUEUED, updated_at=now)
+    async def create_rollout(self, draft: Rollout, members: Sequence[tuple[str, str, str]]) -> Rollout:
+        rollout = dataclasses.replace(draft, id=len(self._rollouts) + 1)
+        self._rollouts[rollout.id] = rollout
+        self._members[rollout.id] = [
+            Member(
+                position=n, device_id=d, app_version=av, endpoint_token=t, state=DeviceState.QUEUED,
+                updated_at=draft.created_at,
+            )
             for n, (d, av, t) in enumerate(members)
-        ]
+        ]  # fmt: skip
         return rollout
 
     async def get_rollout(self, rollout_id: int) -> Rollout | None:
@@ -104,17 +90,13 @@ class MemoryRollouts:
         if rollout is None:
             raise RolloutNotFound(f"no rollout {rollout_id}")
         members = self._members[rollout_id]
-        in_flight = []
-        for member in members:
-            if member.state not in IN_FLIGHT:
-                continue
-            command = self._commands.get(member.command_id) if member.command_id is not None else None
-            still = command is not None and (
-                (member.state is DeviceState.SENT and command.state is CommandState.PENDING)
-                or (member.state is DeviceState.IN_PROGRESS and command.state is CommandState.IN_PROGRESS)
-            )
-            if not still:
-                in_flight.append((member, command))
+        # Every in-flight member: plan passes over those whose command still matches them (the SQL
+        # stores leave those out of the read, CHANGED_IN_FLIGHT).
+        in_flight = [
+            (m, self._commands.get(m.command_id) if m.command_id is not None else None)
+            for m in members
+            if m.state in IN_FLIGHT
+        ]
         plan = decide(Snapshot(rollout=rollout, in_flight=in_flight))
         for member, state in plan.settle:
             members[member.position] = dataclasses.replace(members[member.position], state=state, updated_at=now)

@@ -16,10 +16,7 @@ from broker_bridge.rollouts import (
     Decide,
     DeviceState,
     Member,
-    Pace,
     Rollout,
-    RolloutSpec,
-    RolloutState,
     Snapshot,
     Stepped,
     counted,
@@ -65,29 +62,14 @@ class PostgresRollouts:
     async def _save(self, conn: Conn, before: Command, after: Command) -> None:
         raise NotImplementedError
 
-    async def create_rollout(
-        self,
-        spec: RolloutSpec,
-        *,
-        state: RolloutState,
-        pace: Pace,
-        now: datetime,
-        members: Sequence[tuple[str, str, str]],
-        invoked_by: str | None,
-    ) -> Rollout:
-        counts = {DeviceState.QUEUED: len(members)} if members else {}
-        us = rows.to_us(now)
-        values = (rr.spec_text(spec), state.value, us, us, rr.pace_text(pace), rr.counts_text(counts), invoked_by)
+    async def create_rollout(self, draft: Rollout, members: Sequence[tuple[str, str, str]]) -> Rollout:
         columns = ([m[0] for m in members], [m[1] for m in members], [m[2] for m in members])
 
         async def op(conn: Conn) -> Rollout:
-            rollout_id = await conn.fetchval(INSERT_ROLLOUT, *values)
+            rollout_id = await conn.fetchval(INSERT_ROLLOUT, *rr.insert_params(draft))
             if members:
-                await conn.execute(INSERT_MEMBERS, rollout_id, *columns, us)
-            return Rollout(
-                id=rollout_id, spec=spec, state=state, created_at=now, updated_at=now, pace=pace, counts=counts,
-                invoked_by=invoked_by,
-            )  # fmt: skip
+                await conn.execute(INSERT_MEMBERS, rollout_id, *columns, rows.to_us(draft.created_at))
+            return dataclasses.replace(draft, id=rollout_id)
 
         result: Rollout = await self._submit(op)
         return result

@@ -71,6 +71,13 @@ def counts_text(counts: dict[DeviceState, int]) -> str:
     return json.dumps({s.value: n for s, n in sorted(counts.items()) if n})
 
 
+def insert_params(draft: Rollout) -> tuple[Any, ...]:
+    """INSERT_ROLLOUT's parameters."""
+    us = to_us(draft.created_at)
+    values = (spec_text(draft.spec), draft.state.value, us, us, pace_text(draft.pace), counts_text(draft.counts))
+    return (*values, draft.invoked_by)
+
+
 def _maybe(us: int | None) -> datetime | None:
     return None if us is None else from_us(us)
 

@@ -16,10 +16,7 @@ from broker_bridge.rollouts import (
     Decide,
     DeviceState,
     Member,
-    Pace,
     Rollout,
-    RolloutSpec,
-    RolloutState,
     Snapshot,
     Stepped,
     counted,
@@ -36,29 +33,15 @@ class SqliteRollouts:
     async def _submit(self, fn: Callable[[Conn], Any], *, writes: bool) -> Any:
         raise NotImplementedError
 
-    async def create_rollout(
-        self,
-        spec: RolloutSpec,
-        *,
-        state: RolloutState,
-        pace: Pace,
-        now: datetime,
-        members: Sequence[tuple[str, str, str]],
-        invoked_by: str | None,
-    ) -> Rollout:
-        counts = {DeviceState.QUEUED: len(members)} if members else {}
-        us = rows.to_us(now)
-        values = (rr.spec_text(spec), state.value, us, us, rr.pace_text(pace), rr.counts_text(counts), invoked_by)
+    async def create_rollout(self, draft: Rollout, members: Sequence[tuple[str, str, str]]) -> Rollout:
+        us = rows.to_us(draft.created_at)
 
         def op(conn: Conn) -> Rollout:
-            cursor = conn.execute(rr.INSERT_ROLLOUT, values)
+            cursor = conn.execute(rr.INSERT_ROLLOUT, rr.insert_params(draft))
             assert cursor.lastrowid is not None
             rollout_id = cursor.lastrowid
             conn.executemany(rr.INSERT_MEMBER, ((rollout_id, n, *m, us) for n, m in enumerate(members)))
-            return Rollout(
-                id=rollout_id, spec=spec, state=state, created_at=now, updated_at=now, pace=pace, counts=counts,
-                invoked_by=invoked_by,
-            )  # fmt: skip
+            return dataclasses.replace(draft, id=rollout_id)
 
         result: Rollout = await self._submit(op, writes=True)
         return result
